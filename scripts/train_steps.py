@@ -1,0 +1,82 @@
+"""A few Qwen3 training steps driven directly: model, loss and optimizer.
+
+torchtitan's Trainer needs CUDA; this runs anywhere, with whichever torchtitan
+is first on sys.path (the fork, or the 0.2.1 path beside it), and prints one
+JSON object: the loss of every step.
+
+    PYTHONPATH=torchtitan python3 scripts/train_steps.py --attn-type sdpa --steps 5
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+class EosOnly:
+    def __init__(self, eos_id: int):
+        self.eos_id = eos_id
+
+
+def batches(corpus: str, batch_size: int, seq_len: int):
+    """Consecutive (inputs, labels) windows of the tokenized corpus, documents
+    joined with EOS as torchtitan's text dataset does."""
+    tokenizer = Tokenizer.from_file(str(DATA / "tokenizer" / "tokenizer.json"))
+    eos_id = tokenizer.token_to_id("<|end_of_text|>")
+    stream = []
+    with (DATA / corpus / "train.jsonl").open() as f:
+        for line in f:
+            stream += tokenizer.encode(json.loads(line)["text"]).ids + [eos_id]
+            if len(stream) > 64 * batch_size * (seq_len + 1):
+                break
+    window = batch_size * (seq_len + 1)
+    for start in range(0, len(stream) - window, window):
+        chunk = torch.tensor(stream[start : start + window]).view(batch_size, seq_len + 1)
+        yield chunk[:, :-1], chunk[:, 1:], eos_id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attn-type", choices=["sdpa", "flex", "varlen"], default="sdpa")
+    parser.add_argument("--corpus", choices=["single_doc", "multi_doc"], default="single_doc")
+    parser.add_argument("--n-heads", type=int, default=16)
+    parser.add_argument("--n-kv-heads", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--forward-only", action="store_true", help="no optimizer steps (flex on CPU)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model_args = Qwen3ModelArgs(
+        vocab_size=2048, dim=256, n_layers=4, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+        head_dim=32, hidden_dim=512, max_seq_len=args.seq_len,
+        attn_type=args.attn_type,
+        attn_mask_type="causal" if args.attn_type == "sdpa" else "block_causal",
+    )
+    model = Qwen3Model(model_args)
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    data = batches(args.corpus, args.batch_size, args.seq_len)
+    for _, (inputs, labels, eos_id) in zip(range(args.steps), data):
+        masks = None if args.attn_type == "sdpa" else model.get_attention_masks(inputs, EosOnly(eos_id))
+        with torch.set_grad_enabled(not args.forward_only):
+            logits = model(inputs, masks)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        if not args.forward_only:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+    print(json.dumps({"losses": losses}))
+
+
+if __name__ == "__main__":
+    main()

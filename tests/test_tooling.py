@@ -1,0 +1,184 @@
+"""The fork tooling: materialize, export, check, and that it never loses work."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git(fork, *args):
+    return subprocess.run(["git", *args], cwd=fork, capture_output=True, text=True, check=True).stdout
+
+
+def commits(fork):
+    return git(fork, "log", "--format=%s").splitlines()
+
+
+def test_materialize_builds_release_plus_one_commit_per_patch(tool):
+    series = tool.read_series()
+    tool.materialize(tool.FORK, None, None, False)
+    log = commits(tool.FORK)
+    assert len(log) == len(series) + 1
+    assert log[-1] == "torchtitan 0.2.1 release from PyPI"
+    assert git(tool.FORK, "rev-list", "-n1", "v0.2.1") == git(tool.FORK, "rev-list", "--max-parents=0", "HEAD")
+    assert git(tool.FORK, "status", "--porcelain") == ""
+
+
+def test_base_commit_is_the_verified_release(tool, tmp_path):
+    tool.materialize(tool.FORK, "0001", None, False)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "xzf", str(tool.verified_sdist(None)), "-C", str(unpacked)], check=True)
+    release = unpacked / "torchtitan-0.2.1"
+    listed = set(git(tool.FORK, "ls-tree", "-r", "--name-only", "v0.2.1").splitlines())
+    on_disk = {
+        str(p.relative_to(release)) for p in release.rglob("*")
+        if p.is_file() and not p.relative_to(release).parts[0].endswith(".egg-info")
+    }
+    assert listed == on_disk
+    attention = "torchtitan/models/attention.py"
+    assert git(tool.FORK, "show", f"v0.2.1:{attention}") == (release / attention).read_text()
+
+
+def test_materialize_again_changes_nothing(tool):
+    tool.materialize(tool.FORK, None, None, False)
+    head = git(tool.FORK, "rev-parse", "HEAD")
+    assert "up to date" in tool.materialize(tool.FORK, None, None, False)
+    assert git(tool.FORK, "rev-parse", "HEAD") == head
+
+
+def test_export_round_trips_byte_for_byte(tool):
+    before = {p.name: p.read_bytes() for p in tool.PATCHES.iterdir()}
+    tool.materialize(tool.FORK, None, None, False)
+    tool.export()
+    assert {p.name: p.read_bytes() for p in tool.PATCHES.iterdir()} == before
+
+
+def test_export_writes_new_commits_and_series(tool):
+    tool.materialize(tool.FORK, None, None, False)
+    (tool.FORK / "NOTE.md").write_text("a change\n")
+    git(tool.FORK, "add", "NOTE.md")
+    git(tool.FORK, "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "commit", "-qm", "[docs] Add a note")
+    tool.export()
+    names = tool.read_series()
+    assert names[-1].endswith("-docs-Add-a-note.patch")
+    assert "+a change" in (tool.PATCHES / names[-1]).read_text()
+    assert "up to date" in tool.materialize(tool.FORK, None, None, False)
+
+
+def test_upto_stops_after_the_named_patch_in_another_folder(tool, tmp_path):
+    dest = tmp_path / "compat"
+    tool.materialize(dest, "0001", None, False)
+    assert len(commits(dest)) == 2
+    with pytest.raises(tool.ForkError, match="matches no patch.*use one of: 0001-"):
+        tool.materialize(dest, "0042", None, False)
+
+
+def test_moving_between_upto_points_is_safe(tool):
+    tool.materialize(tool.FORK, "0001", None, False)
+    tool.materialize(tool.FORK, None, None, False)
+    assert len(commits(tool.FORK)) == len(tool.read_series()) + 1
+    tool.materialize(tool.FORK, "0002", None, False)
+    assert len(commits(tool.FORK)) == 3
+
+
+def test_hash_mismatch_stops_before_unpacking(tool, tmp_path):
+    fake = tmp_path / "torchtitan-0.2.1.tar.gz"
+    fake.write_bytes(b"not the release")
+    with pytest.raises(tool.ForkError, match="sha256 of .* expected 0b288bd9"):
+        tool.materialize(tool.FORK, None, fake, False)
+    assert not tool.FORK.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["patches", "torchtitan-0.2.1.tar.gz"]
+
+
+def corrupt(tool, number):
+    (patch,) = tool.PATCHES.glob(f"{number}-*.patch")
+    text = patch.read_text()
+    hunk = text.index("\n@@")
+    context = text.index("\n ", hunk)  # the hunk's first context line
+    patch.write_text(text[:context] + "\n CORRUPTED" + text[context + 2 :])
+    return patch.name
+
+
+def test_patch_that_does_not_apply_leaves_nothing_behind(tool, tmp_path):
+    name = corrupt(tool, "0002")
+    with pytest.raises(tool.ForkError, match=rf"patch {name} does not apply at \S+\.py:\d+"):
+        tool.materialize(tool.FORK, None, None, False)
+    assert not tool.FORK.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["patches"]
+
+
+def test_failed_update_rolls_the_fork_back(tool):
+    tool.materialize(tool.FORK, "0001", None, False)
+    head = git(tool.FORK, "rev-parse", "HEAD")
+    corrupt(tool, "0003")
+    with pytest.raises(tool.ForkError, match="does not apply"):
+        tool.materialize(tool.FORK, None, None, False)
+    assert git(tool.FORK, "rev-parse", "HEAD") == head
+    assert git(tool.FORK, "status", "--porcelain") == ""
+
+
+def test_refuses_to_overwrite_uncommitted_work(tool):
+    tool.materialize(tool.FORK, "0001", None, False)
+    edited = tool.FORK / "torchtitan" / "models" / "attention.py"
+    edited.write_text(edited.read_text() + "# my work\n")
+    with pytest.raises(tool.ForkError, match="uncommitted changes; commit them and run 'export'.*--discard"):
+        tool.materialize(tool.FORK, None, None, False)
+    with pytest.raises(tool.ForkError, match="uncommitted changes"):
+        tool.export()
+    assert edited.read_text().endswith("# my work\n")
+
+
+def test_refuses_commits_not_in_the_series(tool):
+    tool.materialize(tool.FORK, None, None, False)
+    (tool.FORK / "mine.txt").write_text("x\n")
+    git(tool.FORK, "add", "mine.txt")
+    git(tool.FORK, "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "commit", "-qm", "mine")
+    with pytest.raises(tool.ForkError, match="commits that are not in patches/series; run 'export'"):
+        tool.materialize(tool.FORK, None, None, False)
+    assert commits(tool.FORK)[0] == "mine"
+
+
+def test_refuses_a_folder_it_did_not_make(tool):
+    tool.FORK.mkdir()
+    (tool.FORK / "notes.txt").write_text("mine\n")
+    with pytest.raises(tool.ForkError, match="not a fork made by this tool"):
+        tool.materialize(tool.FORK, None, None, False)
+    assert (tool.FORK / "notes.txt").read_text() == "mine\n"
+
+
+def test_discard_keeps_a_backup_first(tool, tmp_path):
+    tool.materialize(tool.FORK, None, None, False)
+    (tool.FORK / "wip.py").write_text("work in progress\n")
+    tool.materialize(tool.FORK, None, None, True)
+    (backup,) = tmp_path.glob("torchtitan.backup-*")
+    assert (backup / "wip.py").read_text() == "work in progress\n"
+    assert not (tool.FORK / "wip.py").exists()
+    assert git(tool.FORK, "status", "--porcelain") == ""
+
+
+def test_check_applies_the_series_to_a_pristine_release(tool):
+    assert tool.check(None).startswith(f"ok: {len(tool.read_series())} patches apply cleanly")
+    corrupt(tool, "0004")
+    with pytest.raises(tool.ForkError, match="0004-.* does not apply"):
+        tool.check(None)
+
+
+def test_cli_prints_one_line_errors(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gqa_fork.py"), "materialize", "--upto", "nope", "--dest", str(tmp_path / "x")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: --upto 'nope' matches no patch")
+
+
+def test_bundled_data_is_what_the_generator_writes(tool, tmp_path):
+    tool.make_data(tmp_path / "data")
+    for path in (ROOT / "data").rglob("*"):
+        if path.is_file():
+            assert (tmp_path / "data" / path.relative_to(ROOT / "data")).read_bytes() == path.read_bytes(), path
