@@ -1,46 +1,76 @@
 """Memory and speed of GQA attention: the 0.2.1 path vs the series vs the kernel floor.
 
-One run measures both forks, each in a worker process with that fork first on
-PYTHONPATH (both are packages named torchtitan), and writes docs/benchmark.md,
-the raw results and a plot:
+Each backend is measured in both forks, one after the other, each in a worker
+process with that fork first on PYTHONPATH (both are packages named torchtitan).
+The raw results go to docs/benchmark-<backend>.jsonl; the report (docs/benchmark.md)
+and its plot (docs/benchmark.png) are made from all of them, so one backend can be
+measured again with --backends:
 
+    python3 scripts/gqa_fork.py materialize
     python3 scripts/gqa_fork.py materialize --upto 0001 --dest build/torchtitan-0.2.1-compat
-    python3 scripts/benchmark.py [--seq-lens 4096 8192 16384 32768] [--out docs]
+    python3 scripts/benchmark.py [--backends sdpa varlen flex] [--seq-lens 4096 ...] [--out docs]
 
-Attention layer: Qwen3's Attention module (projections, q/k norm, RoPE, the
-backend arm), bf16, forward + backward, 4 packed documents per sequence.
-Floor: the series' layer with the attention call replaced by the bare kernel.
-Training step: Qwen3Model with real widths and head counts, fewer layers.
+Attention call: each fork's own Qwen3 `Attention.forward` from q/k/v to the
+output, with the projections returning prepared tensors and RoPE, q/k norm and
+wo switched off, so what is timed is the layout code and the backend arm.
+Floor: the bare kernel on pre-packed q/k/v with n_kv_heads.
+Training step: Qwen3Model with a real size's widths and head counts.
 """
 
 import argparse
+import inspect
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.varlen import varlen_attn
+from torch.profiler import profile, ProfilerActivity
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = {"0.2.1": ROOT / "build" / "torchtitan-0.2.1-compat", "series": ROOT / "torchtitan"}
-# (query heads, KV heads) -> Qwen3 flavor with those heads, and layers that fit one 80 GB GPU
-LAYOUTS = {(16, 8): ("0.6B", 28), (32, 8): ("4B", 8), (64, 8): ("32B", 3)}
-BACKENDS = ("sdpa", "flex", "varlen")
+# (query heads, KV heads) -> the Qwen3 flavor with those heads, and how many of
+# its layers the training step keeps so that it fits one 80 GB GPU
+LAYOUTS = {(16, 8): ("0.6B", 28), (32, 8): ("4B", 15), (64, 8): ("32B", 4)}
+BACKENDS = ("sdpa", "varlen", "flex")
 DOCUMENTS = 4
+# GPU sleeps longer than the CPU takes to launch one call (about 5 ms on an
+# H100) and one training step (about 50 ms)
+SLEEP_CYCLES = {"attention": 10_000_000, "step": 100_000_000}
 STEP_SEQ_LEN = 8192
+EOS_ID = 0
+# SDPA ops as the profiler names them, by the kernel they run
+SDPA_KERNELS = {
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_efficient_attention": "efficient",
+    "aten::_scaled_dot_product_attention_math": "math",
+}
 
 
-def measure(fn, repeats=10, warmup=3):
-    """Median milliseconds over `repeats` and peak bytes above the start of one call."""
-    import torch
+def measure(fn, sleep_cycles, repeats=10, warmup=3):
+    """GPU time of `fn` (median ms of `repeats` CUDA-event timings, and all of them),
+    and the peak bytes of one more call: absolute, and above what was allocated before it.
 
+    Each timed call is queued behind a GPU sleep, so the CPU has launched its kernels
+    before the start event is reached: the time is the GPU's, as in training, where
+    the CPU runs ahead of the GPU."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(sleep_cycles)
         start.record()
         fn()
         end.record()
@@ -50,184 +80,380 @@ def measure(fn, repeats=10, warmup=3):
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return statistics.median(times), torch.cuda.max_memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated()
+    return {"ms": statistics.median(times), "times": times, "peak_bytes": peak, "call_bytes": peak - base}
 
 
-def tokens_with_documents(seq_len, eos_id, device):
-    import torch
+def sdpa_kernels(fn):
+    """The SDPA kernels that one call of `fn` runs, from the profiler's op names."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted({SDPA_KERNELS[e.key] for e in prof.key_averages() if e.key in SDPA_KERNELS})
 
-    tokens = torch.randint(1, 1000, (1, seq_len), device=device)
-    tokens[0, torch.arange(1, DOCUMENTS + 1) * seq_len // DOCUMENTS - 1] = eos_id
+
+def documents(seq_len):
+    """One row of `seq_len` random tokens holding DOCUMENTS documents of equal length."""
+    tokens = torch.randint(1, 1000, (1, seq_len), device="cuda")
+    tokens[0, torch.arange(1, DOCUMENTS + 1) * seq_len // DOCUMENTS - 1] = EOS_ID
     return tokens
 
 
-class Floor:
-    """The bare kernel in place of the series' wrapper, called as the series' arms call it."""
+class Given(torch.nn.Module):
+    """Stands in for a projection: returns a prepared tensor whatever its input."""
 
-    def __init__(self, backend):
-        import torch
-        import torch.nn.functional as F
-        from torch.nn.attention import sdpa_kernel, SDPBackend
-        from torch.nn.attention.flex_attention import flex_attention
-        from torch.nn.attention.varlen import varlen_attn
+    def __init__(self, tensor):
+        super().__init__()
+        self.tensor = tensor
 
-        self.backend = backend
-        self.flex = torch.compile(flex_attention)
-        self.sdpa = lambda q, k, v, scale: F.scaled_dot_product_attention(
-            q, k, v, scale=scale, is_causal=True, enable_gqa=True
-        )
-        self.sdpa_kernel = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True)
-        self.varlen = varlen_attn
-
-    def __call__(self, q, k, v, masks=None, *, block_mask=None, scale=None):
-        import inspect
-
-        match self.backend:
-            case "sdpa":
-                with self.sdpa_kernel():
-                    return self.sdpa(q, k, v, scale)
-            case "flex":
-                return self.flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
-            case "varlen":
-                gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(self.varlen).parameters else {}
-                bs, seqlen = q.shape[:2]
-                out = self.varlen(
-                    q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), masks.cu_seq_q, masks.cu_seq_k,
-                    masks.max_q, masks.max_k, scale=scale, window_size=(-1, 0), **gqa,
-                )
-                return out.unflatten(0, (bs, seqlen))
+    def forward(self, x):
+        return self.tensor
 
 
-def worker(path_name, seq_lens, out):
-    """Runs inside one fork; writes its measurements as JSON lines."""
-    import torch
-    from torchtitan.models.qwen3 import Qwen3Model, qwen3_args
-    from torchtitan.models.qwen3.model.model import Attention, precompute_rope_cache
+def attention_call(model_module, args, x, masks):
+    """This fork's Attention.forward, fed prepared q/k/v, with q/k norm and wo off
+    (args.qk_norm is False; RoPE is switched off by the caller)."""
+    attention = model_module.Attention(args)
+    bs, seqlen, _ = x.shape
+    widths = {"wq": args.n_heads, "wk": args.n_kv_heads, "wv": args.n_kv_heads}
+    for name, heads in widths.items():
+        # (bs, seqlen, heads * head_dim), as the projection returns it
+        tensor = torch.randn(bs, seqlen, heads * args.head_dim, device="cuda", dtype=torch.bfloat16)
+        setattr(attention, name, Given(tensor.requires_grad_()))
+    attention.wo = torch.nn.Identity()
+    grad = torch.randn(bs, seqlen, args.n_heads * args.head_dim, device="cuda", dtype=torch.bfloat16)
+    return lambda: attention(x, None, masks).backward(grad)
 
+
+def kernel_floor(backend, args, seq_len, masks):
+    """The bare kernel, forward + backward, on q/k/v in the layout it takes: packed
+    documents for varlen; for SDPA and flex, the (bs, heads, seqlen, head_dim) view of
+    the projections' (bs, seqlen, heads, head_dim) output, whose strides they take."""
+    from torchtitan.models.attention import FlexAttentionWrapper, ScaledDotProductAttentionWrapper
+
+    scale = args.head_dim**-0.5
+
+    def tensors(transpose):
+        """Leaf q, k, v from (1, seq_len, heads, head_dim) storage."""
+        stored = [
+            torch.randn(1, seq_len, heads, args.head_dim, device="cuda", dtype=torch.bfloat16)
+            for heads in (args.n_heads, args.n_kv_heads, args.n_kv_heads)
+        ]
+        views = [t.transpose(1, 2) if transpose else t.flatten(0, 1) for t in stored]
+        return [view.requires_grad_() for view in views]
+
+    match backend:
+        case "varlen":
+            # (seq_len, heads, head_dim): the documents back to back
+            q, k, v = tensors(transpose=False)
+            gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+            call = lambda: varlen_attn(  # noqa: E731
+                q, k, v, masks.cu_seq_q, masks.cu_seq_k, masks.max_q, masks.max_k,
+                scale=scale, window_size=(-1, 0), **gqa,
+            )
+        case "sdpa":
+            # (1, heads, seq_len, head_dim), the backends in the wrapper's order
+            q, k, v = tensors(transpose=True)
+            backends = ScaledDotProductAttentionWrapper().sdpa_backends
+
+            def call():
+                with sdpa_kernel(backends, set_priority=True):
+                    return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, enable_gqa=True)
+
+        case "flex":
+            # flex_attention compiled as the wrapper compiles it
+            q, k, v = tensors(transpose=True)
+            compiled = FlexAttentionWrapper._compiled_flex_attn
+            call = lambda: compiled(q, k, v, block_mask=masks, scale=scale, enable_gqa=True)  # noqa: E731
+    grad = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    return lambda: call().backward(grad)
+
+
+def training_step(model_cls, args, tokens, masks):
+    """One step of Qwen3Model: bf16 autocast forward, fp32 cross entropy, backward, AdamW."""
+    with torch.device("cuda"):
+        model = model_cls(args)
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens, masks)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def worker(path_name, backend, seq_lens, out, command):
+    """Runs one backend inside one fork; appends each measurement to `out` as a JSON
+    line as soon as it is taken, so that an interrupted run keeps what it measured."""
+    # torchtitan is imported here, in the worker, whose PYTHONPATH picks the fork
+    import torchtitan.models.qwen3.model.model as qwen3_model
+    from torchtitan.models.attention import FlexAttentionWrapper
+    from torchtitan.models.qwen3 import qwen3_args
+
+    # one compiled flex per shape: do not fall back to eager after 8 of them
+    torch._dynamo.config.recompile_limit = 64
+    if backend == "flex":
+        # torchtitan's max-autotune options spend about a minute tuning each shape;
+        # all three columns run this same compiled kernel instead
+        FlexAttentionWrapper._compiled_flex_attn = torch.compile(flex_attention)
     torch.manual_seed(0)
-    eos = type("Tokenizer", (), {"eos_id": 0})()
-    results = []
+    eos = type("Tokenizer", (), {"eos_id": EOS_ID})()
+    device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    sink = out.open("a")
 
-    def record(**row):
-        row.update(path=path_name)
-        results.append(row)
+    def run(fn, **row):
+        try:
+            row |= measure(fn, SLEEP_CYCLES[row["kind"]])
+            if row["backend"] == "sdpa":
+                row["sdpa_kernels"] = sdpa_kernels(fn)
+        except torch.OutOfMemoryError:
+            row |= {"ms": None, "times": None, "peak_bytes": None, "call_bytes": None}
+        row |= {"path": path_name, "device": device, "command": command}
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
         print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
 
+    def masks_for(args, tokens):
+        if backend == "sdpa":
+            return None
+        with torch.device("meta"):
+            return qwen3_model.Qwen3Model(replace(args, n_layers=1)).get_attention_masks(tokens, eos)
+
+    mask_type = "causal" if backend == "sdpa" else "block_causal"
     for (n_heads, n_kv_heads), (flavor, n_layers) in LAYOUTS.items():
-        base = qwen3_args[flavor]
-        for backend in BACKENDS:
-            args = _args(base, backend)
-            variants = ["layer", "floor"] if path_name == "series" else ["layer"]
-            for seq_len in seq_lens:
-                args.max_seq_len = seq_len
-                model = Qwen3Model(_replace(args, n_layers=1)).cuda()  # for get_attention_masks
-                tokens = tokens_with_documents(seq_len, eos.eos_id, "cuda")
-                masks = None if backend == "sdpa" else model.get_attention_masks(tokens, eos)
-                rope = precompute_rope_cache(args.head_dim, seq_len, args.rope_theta).cuda()
-                x = torch.randn(1, seq_len, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                for variant in variants:
-                    attention = Attention(args).cuda().to(torch.bfloat16)
-                    if variant == "floor":
-                        attention.inner_attention = Floor(backend)
-                    step = lambda: attention(x, rope, masks).sum().backward()  # noqa: E731
-                    try:
-                        ms, peak = measure(step)
-                    except torch.OutOfMemoryError:
-                        ms, peak = None, None
-                    record(kind="attention", backend=backend, heads=f"{n_heads}/{n_kv_heads}",
-                           seq_len=seq_len, variant=variant, ms=ms, peak_bytes=peak)
-                    del attention
-                del model, x
-                torch.cuda.empty_cache()
-            if (n_heads, n_kv_heads) == (64, 8):
-                continue
-            model = Qwen3Model(_replace(args, n_layers=n_layers, max_seq_len=STEP_SEQ_LEN)).cuda()
-            model.init_weights()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-            tokens = tokens_with_documents(STEP_SEQ_LEN, eos.eos_id, "cuda")
-            masks = None if backend == "sdpa" else model.get_attention_masks(tokens, eos)
-
-            def train_step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = model(tokens, masks)
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            ms, peak = measure(train_step, repeats=10, warmup=3)
-            record(kind="step", backend=backend, heads=f"{n_heads}/{n_kv_heads}", flavor=flavor,
-                   n_layers=n_layers, seq_len=STEP_SEQ_LEN, ms=ms, peak_bytes=peak,
-                   tokens_per_s=STEP_SEQ_LEN / ms * 1e3)
-            del model, optimizer
-            torch.cuda.empty_cache()
-    out.write_text("\n".join(json.dumps(r) for r in results) + "\n")
-
-
-def _replace(args, **changes):
-    from dataclasses import replace
-
-    return replace(args, **changes)
-
-
-def _args(base, backend):
-    return _replace(base, attn_type=backend, attn_mask_type="causal" if backend == "sdpa" else "block_causal")
+        heads = f"{n_heads}/{n_kv_heads}"
+        for seq_len in seq_lens:
+            args = replace(qwen3_args[flavor], attn_type=backend, attn_mask_type=mask_type,
+                           max_seq_len=seq_len, qk_norm=False)
+            masks = masks_for(args, documents(seq_len))
+            x = torch.empty(1, seq_len, args.dim, device="meta")  # only its shape is read
+            row = dict(kind="attention", backend=backend, heads=heads, seq_len=seq_len)
+            with mock.patch.object(qwen3_model, "apply_rotary_emb", lambda xq, xk, *_: (xq, xk)):
+                run(attention_call(qwen3_model, args, x, masks), variant="layer", **row)
+            if path_name == "series":
+                run(kernel_floor(backend, args, seq_len, masks), variant="floor", **row)
+        args = replace(qwen3_args[flavor], attn_type=backend, attn_mask_type=mask_type,
+                       max_seq_len=STEP_SEQ_LEN, n_layers=n_layers)
+        tokens = documents(STEP_SEQ_LEN)
+        run(training_step(qwen3_model.Qwen3Model, args, tokens, masks_for(args, tokens)), kind="step",
+            backend=backend, heads=heads, flavor=flavor, n_layers=n_layers,
+            total_layers=qwen3_args[flavor].n_layers, seq_len=STEP_SEQ_LEN)
+    sink.close()
 
 
 def repeated_kv_bytes(heads, seq_len, head_dim=128, n_layers=1):
-    """Bytes of repeated K and V that the 0.2.1 path saves for backward, beyond n_kv_heads."""
+    """Bytes of K and V beyond n_kv_heads that the 0.2.1 path saves for backward (bf16)."""
     n_heads, n_kv_heads = map(int, heads.split("/"))
     return 2 * seq_len * (n_heads - n_kv_heads) * head_dim * 2 * n_layers
 
 
-def report(rows, out_dir, command):
-    import torch
+def spread(times):
+    """Interquartile range of `times`, relative to their median."""
+    q1, median, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / median
 
-    mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "OOM"  # noqa: E731
-    ms = lambda t: f"{t:.2f}" if t is not None else "OOM"  # noqa: E731
-    key = lambda r: (r["kind"], r["backend"], r["heads"], r["seq_len"], r.get("variant"), r["path"])  # noqa: E731
-    by = {key(r): r for r in rows}
+
+def mib(n):
+    return "OOM" if n is None else f"{n / 2**20:.0f}"
+
+
+def gib(n):
+    return "OOM" if n is None else f"{n / 2**30:.2f}"
+
+
+def ms(t):
+    return "OOM" if t is None else f"{t:.2f}"
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+class Results:
+    def __init__(self, rows):
+        self.rows = rows
+        self.by_key = {self.key(r): r for r in rows}
+
+    @staticmethod
+    def key(r):
+        return r["kind"], r["backend"], r["heads"], r["seq_len"], r.get("variant"), r["path"]
+
+    def get(self, row, field, *, path, variant=None):
+        other = self.by_key.get(self.key(row)[:4] + (variant, path))
+        return other and other[field]
+
+    def series(self, kind, variant=None):
+        return [r for r in self.rows if r["kind"] == kind and r["path"] == "series" and r.get("variant") == variant]
+
+
+def attention_table(results):
     lines = [
-        "# GQA benchmark: the 0.2.1 path vs the series vs the kernel floor", "",
-        f"- device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"date {time.strftime('%Y-%m-%d')}",
-        f"- command: `{command}`",
-        "- raw results: [benchmark.jsonl](benchmark.jsonl); plot: [benchmark.png](benchmark.png)",
-        "", "## Attention layer, forward + backward, bf16, 4 packed documents", "",
-        "Qwen3 `Attention` (head_dim 128): the 0.2.1 path (repeat_kv and transposes), the series, "
-        "and the floor (the series' layer with the bare kernel in the attention call). "
-        "Expected saving: the repeated K/V bytes the 0.2.1 path saves for backward.", "",
-        "| backend | heads | seq | 0.2.1 ms | series ms | floor ms | series/floor time | 0.2.1 MiB | series MiB | floor MiB | saved MiB | expected MiB |",
+        "| backend | heads | seq | 0.2.1 ms | series ms | floor ms | series / floor time "
+        "| 0.2.1 MiB | series MiB | floor MiB | series / floor memory | saved MiB | expected MiB | SDPA kernels 0.2.1 → series |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results.series("attention", "layer"):
+        old_ms, old_bytes = (results.get(r, f, path="0.2.1", variant="layer") for f in ("ms", "call_bytes"))
+        floor_ms, floor_bytes = (results.get(r, f, path="series", variant="floor") for f in ("ms", "call_bytes"))
+        time_ratio, memory_ratio = ratio(r["ms"], floor_ms), ratio(r["call_bytes"], floor_bytes)
+        saved = None if old_bytes is None or r["call_bytes"] is None else old_bytes - r["call_bytes"]
+        kernels = ""
+        if r["backend"] == "sdpa":
+            old_kernels = results.get(r, "sdpa_kernels", path="0.2.1", variant="layer")
+            kernels = f"{'+'.join(old_kernels or ['-'])} → {'+'.join(r.get('sdpa_kernels') or ['-'])}"
+        lines.append(
+            f"| {r['backend']} | {r['heads']} | {r['seq_len']} | {ms(old_ms)} | {ms(r['ms'])} | {ms(floor_ms)} "
+            f"| {time_ratio and f'{time_ratio:.3f}'} | {mib(old_bytes)} | {mib(r['call_bytes'])} | {mib(floor_bytes)} "
+            f"| {memory_ratio and f'{memory_ratio:.3f}'} | {mib(saved)} | {mib(repeated_kv_bytes(r['heads'], r['seq_len']))} "
+            f"| {kernels} |"
+        )
+    return lines
+
+
+def step_table(results):
+    lines = [
+        "| backend | heads | widths of, layers kept | 0.2.1 ms | series ms | 0.2.1 tokens/s | series tokens/s "
+        "| 0.2.1 peak GiB | series peak GiB | saved MiB | expected MiB | SDPA kernels 0.2.1 → series |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        if r["kind"] != "attention" or r["path"] != "series" or r["variant"] != "layer":
-            continue
-        k = ("attention", r["backend"], r["heads"], r["seq_len"])
-        old, floor = by.get(k + ("layer", "0.2.1")), by.get(k + ("floor", "series"))
-        ratio = f"{r['ms'] / floor['ms']:.3f}" if r["ms"] and floor and floor["ms"] else "-"
-        saved = mib(old["peak_bytes"] - r["peak_bytes"]) if old and old["peak_bytes"] and r["peak_bytes"] else "-"
+    for r in results.series("step"):
+        old_ms, old_peak = (results.get(r, f, path="0.2.1") for f in ("ms", "peak_bytes"))
+        saved = None if old_peak is None or r["peak_bytes"] is None else old_peak - r["peak_bytes"]
+        tokens_per_s = lambda t: "OOM" if t is None else f"{r['seq_len'] / t * 1e3:.0f}"  # noqa: E731
+        kernels = ""
+        if r["backend"] == "sdpa":
+            old_kernels = results.get(r, "sdpa_kernels", path="0.2.1")
+            kernels = f"{'+'.join(old_kernels or ['-'])} → {'+'.join(r.get('sdpa_kernels') or ['-'])}"
         lines.append(
-            f"| {r['backend']} | {r['heads']} | {r['seq_len']} | {ms(old and old['ms'])} | {ms(r['ms'])} | "
-            f"{ms(floor and floor['ms'])} | {ratio} | {mib(old and old['peak_bytes'])} | {mib(r['peak_bytes'])} | "
-            f"{mib(floor and floor['peak_bytes'])} | {saved} | {mib(repeated_kv_bytes(r['heads'], r['seq_len']))} |"
+            f"| {r['backend']} | {r['heads']} | {r['flavor']}, {r['n_layers']} of {r['total_layers']} "
+            f"| {ms(old_ms)} | {ms(r['ms'])} | {tokens_per_s(old_ms)} | {tokens_per_s(r['ms'])} "
+            f"| {gib(old_peak)} | {gib(r['peak_bytes'])} | {mib(saved)} "
+            f"| {mib(repeated_kv_bytes(r['heads'], r['seq_len'], n_layers=r['n_layers']))} | {kernels} |"
         )
-    lines += [
-        "", f"## Training step (Qwen3Model, seq {STEP_SEQ_LEN}, batch 1, AdamW, bf16 autocast)", "",
-        "| backend | heads | flavor widths, layers | 0.2.1 ms | series ms | 0.2.1 tokens/s | series tokens/s | 0.2.1 GiB | series GiB | saved MiB | expected MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+    return lines
+
+
+def targets(results):
+    """Each target of the benchmark, met or not, with the worst case behind the verdict."""
+    lines = []
+
+    def verdict(name, values, fails, describe, worst, label="worst"):
+        """values: {case: number or None (OOM)}; fails(number) -> bool."""
+        if not values:
+            lines.append(f"- not measured: {name}")
+            return
+        failures = [f"{case}: {describe(v)}" for case, v in values.items() if v is None or fails(v)]
+        measured = [v for v in values.values() if v is not None]
+        summary = f"{label}: {describe(worst(measured))}" if measured else "all OOM"
+        lines.append(f"- {'NOT met' if failures else 'met'}: {name} ({summary})")
+        lines.extend(f"  - {f}" for f in failures)
+
+    def case(r):
+        return f"{r['backend']} {r['heads']}" + (f" seq {r['seq_len']}" if r["kind"] == "attention" else "")
+
+    layers = results.series("attention", "layer")
+    steps = results.series("step")
+    varlen = [r for r in layers if r["backend"] == "varlen"]
+    verdict(
+        "varlen attention call within 2% of the kernel floor in time",
+        {case(r): ratio(r["ms"], results.get(r, "ms", path="series", variant="floor")) for r in varlen},
+        lambda v: v > 1.02, lambda v: f"{v:.3f}× the floor" if v else "OOM", max,
+    )
+    verdict(
+        "varlen attention call memory within 1% of the kernel floor",
+        {case(r): ratio(r["call_bytes"], results.get(r, "call_bytes", path="series", variant="floor")) for r in varlen},
+        lambda v: abs(v - 1) > 0.01, lambda v: f"{v:.3f}× the floor" if v else "OOM",
+        lambda vs: max(vs, key=lambda v: abs(v - 1)),
+    )
+    saved = {}
+    for r in steps:
+        old = results.get(r, "peak_bytes", path="0.2.1")
+        expected = repeated_kv_bytes(r["heads"], r["seq_len"], n_layers=r["n_layers"])
+        saved[case(r)] = None if old is None or r["peak_bytes"] is None else (old - r["peak_bytes"]) / expected
+    verdict(
+        "training step peak memory lower than 0.2.1 by at least the repeated K/V bytes",
+        saved, lambda v: v < 1, lambda v: f"saved {v:.2f}× the expected" if v is not None else "OOM", min,
+    )
+    # below 0.2.1 by more than the run-to-run spread (the wider interquartile
+    # range of the two, relative to its median)
+    speed = {}
+    for r in steps:
+        old = results.by_key.get(results.key(r)[:5] + ("0.2.1",))
+        if old and old["ms"] is not None and r["ms"] is not None:
+            speed[case(r)] = (old["ms"] / r["ms"], max(spread(old["times"]), spread(r["times"])))
+        else:
+            speed[case(r)] = None
+    verdict(
+        "training step tokens/s not below 0.2.1 on any backend, beyond the run-to-run spread",
+        speed, lambda v: v[0] < 1 - v[1],
+        lambda v: f"{v[0]:.3f}× 0.2.1's tokens/s, spread ±{v[1]:.1%}" if v else "OOM", min,
+    )
+    verdict(
+        "sdpa and flex attention call memory not above 0.2.1 for any layout",
+        {case(r): ratio(r["call_bytes"], results.get(r, "call_bytes", path="0.2.1", variant="layer"))
+         for r in layers if r["backend"] != "varlen"},
+        lambda v: v > 1, lambda v: f"{v:.3f}× 0.2.1" if v else "OOM", max,
+    )
+    sdpa = [r for r in layers + steps if r["backend"] == "sdpa"]
+    verdict(
+        "SDPA never on the math kernel",
+        {f"{r['kind']} {case(r)}": r.get("sdpa_kernels") for r in sdpa if r["ms"] is not None},
+        lambda kernels: not kernels or "math" in kernels, lambda kernels: "+".join(kernels) or "no SDPA op seen",
+        lambda all_kernels: sorted({k for kernels in all_kernels for k in kernels}),
+        label="kernels seen",
+    )
+    return lines
+
+
+def report(rows, out_dir):
+    results = Results(rows)
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["device"], r["command"]), set()).add(r["backend"])
+    raw = ", ".join(f"[benchmark-{b}.jsonl](benchmark-{b}.jsonl)" for b in BACKENDS if any(r["backend"] == b for r in rows))
+    lines = [
+        "# GQA benchmark: the 0.2.1 path vs the series vs the kernel floor",
+        "",
+        *[f"- {', '.join(b for b in BACKENDS if b in backends)}: {device}, measured by `{command}`"
+          for (device, command), backends in runs.items()],
+        f"- raw results: {raw}; plot: [benchmark.png](benchmark.png)",
+        "- 0.2.1 path: the release with only the torch-compatibility patch (`materialize --upto 0001`); "
+        "series: all patches",
+        "- time: GPU time, the median of 10 calls after 3 warm-up calls, by CUDA events; each timed call "
+        "is queued behind a GPU sleep so that the CPU has launched it before the start event, as in "
+        "training, where the CPU runs ahead; memory: `torch.cuda.max_memory_allocated` around one more call",
+        "- flex: compiled with `torch.compile` defaults in all three columns (torchtitan's max-autotune "
+        "options spend about a minute tuning each shape)",
+        "",
+        "## Targets",
+        "",
+        *targets(results),
+        "",
+        f"## Attention call, forward + backward, bf16, {DOCUMENTS} packed documents per sequence",
+        "",
+        "Each fork's own Qwen3 `Attention.forward` from q/k/v to the output (projections return prepared "
+        "tensors; RoPE, q/k norm and wo off), against the floor: the bare kernel (`varlen_attn`; SDPA with "
+        "`enable_gqa` in the wrapper's backend order; compiled `flex_attention` with `enable_gqa`) on "
+        "pre-packed tensors with n_kv_heads. MiB: peak above what was allocated before the call. "
+        "Expected: the repeated K/V bytes the 0.2.1 path saves for backward. "
+        "sdpa is causal over the whole row (0.2.1's sdpa has no document mask); flex and varlen are block-causal.",
+        "",
+        *attention_table(results),
+        "",
+        f"## Training step (Qwen3Model, seq {STEP_SEQ_LEN}, batch 1, bf16 autocast, fp32 AdamW)",
+        "",
+        "Widths and head counts of the named Qwen3 size, with as many of its layers as fit one 80 GB GPU "
+        "with a few GiB to spare (the logits over Qwen3's 151,936-token vocabulary alone take about 15 GiB). "
+        "Peak: `max_memory_allocated` over a whole step, optimizer state included. "
+        "Expected: repeated K/V bytes × layers kept.",
+        "",
+        *step_table(results),
     ]
-    for r in rows:
-        if r["kind"] != "step" or r["path"] != "series":
-            continue
-        old = by.get(("step", r["backend"], r["heads"], r["seq_len"], None, "0.2.1"))
-        lines.append(
-            f"| {r['backend']} | {r['heads']} | {r['flavor']}, {r['n_layers']} | {ms(old and old['ms'])} | {ms(r['ms'])} | "
-            f"{old['tokens_per_s'] if old else 0:.0f} | {r['tokens_per_s']:.0f} | "
-            f"{old['peak_bytes'] / 2**30 if old else 0:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
-            f"{mib(old['peak_bytes'] - r['peak_bytes']) if old else '-'} | "
-            f"{mib(repeated_kv_bytes(r['heads'], r['seq_len'], n_layers=r['n_layers']))} |"
-        )
     (out_dir / "benchmark.md").write_text("\n".join(lines) + "\n")
     plot(rows, out_dir / "benchmark.png")
     return "\n".join(lines)
@@ -239,25 +465,27 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    heads = "32/8"
+    styles = {("0.2.1", "layer"): "o--", ("series", "layer"): "s-", ("series", "floor"): "^:"}
+    fig, axes = plt.subplots(2, len(BACKENDS), figsize=(15, 8), squeeze=False)
     for col, backend in enumerate(BACKENDS):
-        for (path_name, variant), style in {("0.2.1", "layer"): "o--", ("series", "layer"): "s-", ("series", "floor"): "^:"}.items():
-            for heads in ("32/8",):
-                pts = sorted(
-                    (r["seq_len"], r["ms"], r["peak_bytes"]) for r in rows
-                    if r["kind"] == "attention" and r["backend"] == backend and r["heads"] == heads
-                    and r["path"] == path_name and r["variant"] == variant and r["ms"]
-                )
-                if pts:
-                    label = f"{path_name} {variant} {heads}"
-                    axes[0, col].plot([p[0] for p in pts], [p[2] / 2**20 for p in pts], style, label=label)
-                    axes[1, col].plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-        axes[0, col].set_title(f"{backend}: peak memory (MiB)")
-        axes[1, col].set_title(f"{backend}: fwd+bwd time (ms)")
+        for (path_name, variant), style in styles.items():
+            points = sorted(
+                (r["seq_len"], r["call_bytes"] / 2**20, r["ms"]) for r in rows
+                if (r["kind"], r["backend"], r["heads"], r["path"], r.get("variant")) == ("attention", backend, heads, path_name, variant)
+                and r["ms"] is not None
+            )
+            if points:
+                seq_lens, memory, times = zip(*points)
+                label = "kernel floor" if variant == "floor" else path_name
+                axes[0, col].plot(seq_lens, memory, style, label=label)
+                axes[1, col].plot(seq_lens, times, style, label=label)
+        axes[0, col].set_title(f"{backend}, {heads} heads: peak memory of the call (MiB)")
+        axes[1, col].set_title(f"{backend}, {heads} heads: fwd+bwd time (ms)")
         for ax in axes[:, col]:
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("sequence length")
-            ax.legend(fontsize=7)
+            ax.set_xlabel("sequence length (tokens)")
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -265,28 +493,49 @@ def plot(rows, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="measure these again; the report also takes the other backends' "
+                        "earlier results from --out")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
-    parser.add_argument("--worker", choices=list(PATHS), help=argparse.SUPPRESS)
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing; remake the report from the raw results in --out")
+    parser.add_argument("--worker", nargs=2, metavar=("PATH", "BACKEND"), help=argparse.SUPPRESS)
+    parser.add_argument("--command", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.seq_lens, args.out)
+        return worker(*args.worker, args.seq_lens, args.out, args.command)
 
-    for name, path in PATHS.items():
-        if not path.exists():
-            sys.exit(f"error: {path} is missing; run 'python3 scripts/gqa_fork.py test' or materialize it first")
+    if not args.report_only:
+        measure_backends(args)
+    raws = [args.out / f"benchmark-{backend}.jsonl" for backend in BACKENDS]
+    rows = [json.loads(line) for raw in raws if raw.exists() for line in raw.read_text().splitlines()]
+    if not rows:
+        sys.exit(f"error: no results in {args.out}; run the benchmark without --report-only first")
+    print(report(rows, args.out))
+
+
+def measure_backends(args):
+    if not torch.cuda.is_available():
+        sys.exit("error: the benchmark needs a CUDA GPU; run it on a GPU machine")
+    for path in PATHS.values():
+        if not (path / "torchtitan").is_dir():
+            sys.exit(f"error: {path} is missing; materialize it first (see the top of {Path(__file__).name})")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, path in PATHS.items():
-        raw = args.out / f"benchmark-{name}.jsonl"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH")]))}
-        subprocess.run(
-            [sys.executable, __file__, "--worker", name, "--out", str(raw), "--seq-lens", *map(str, args.seq_lens)],
-            env=env, check=True,
-        )
-        rows += [json.loads(line) for line in raw.read_text().splitlines()]
-        raw.unlink()
-    (args.out / "benchmark.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(report(rows, args.out, "python3 scripts/benchmark.py " + " ".join(sys.argv[1:])))
+    command = "python3 scripts/benchmark.py " + " ".join(sys.argv[1:])
+    for backend in args.backends:
+        raw = args.out / f"benchmark-{backend}.jsonl"
+        raw.unlink(missing_ok=True)
+        for name, path in PATHS.items():
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH")])),
+                "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",  # the largest steps run near 80 GB
+            }
+            subprocess.run(
+                [sys.executable, __file__, "--worker", name, backend, "--out", str(raw),
+                 "--seq-lens", *map(str, args.seq_lens), "--command", command],
+                env=env, check=True,
+            )
 
 
 if __name__ == "__main__":

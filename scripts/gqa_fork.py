@@ -425,9 +425,25 @@ def cmd_setup(args) -> str:
     return cmd_train(args)
 
 
+def materialize_baseline(sdist: Path | None) -> str:
+    """The 0.2.1 path: the release plus the series' first patch. It is derived
+    from patches/ alone, so once that patch changes the old build is replaced."""
+    first = read_series()[0]
+    if BASELINE.exists():
+        commits, dirty = fork_state(BASELINE)
+        if dirty:
+            raise ForkError(
+                f"{BASELINE} has uncommitted changes, but it is rebuilt from patches/; "
+                f"make your changes in {FORK} instead"
+            )
+        if commits != [(PATCHES / first).read_text()]:
+            shutil.rmtree(BASELINE)
+    return materialize(BASELINE, first, sdist, False)
+
+
 def cmd_test(args) -> str:
     print(materialize(FORK, None, args.sdist, False))
-    print(materialize(BASELINE, read_series()[0], args.sdist, False))
+    print(materialize_baseline(args.sdist))
     print(install())
     proc = subprocess.run([sys.executable, "-m", "pytest", *args.pytest_args], cwd=ROOT)
     if proc.returncode != 0:

@@ -25,6 +25,7 @@ def tool(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "PATCHES", patches)
     monkeypatch.setattr(module, "SERIES", patches / "series")
     monkeypatch.setattr(module, "FORK", tmp_path / "torchtitan")
+    monkeypatch.setattr(module, "BASELINE", tmp_path / "build" / "torchtitan-0.2.1-compat")
     return module
 
 

@@ -161,6 +161,19 @@ def test_discard_keeps_a_backup_first(tool, tmp_path):
     assert git(tool.FORK, "status", "--porcelain") == ""
 
 
+def test_a_stale_baseline_is_rebuilt_but_never_edits(tool):
+    tool.materialize_baseline(None)
+    first = tool.PATCHES / tool.read_series()[0]
+    first.write_text(first.read_text().replace("Subject: [PATCH] [attention] Run", "Subject: [PATCH] [attention] Now run"))
+    tool.materialize_baseline(None)
+    assert commits(tool.BASELINE)[0].startswith("[attention] Now run varlen_attn")
+
+    (tool.BASELINE / "README.md").write_text("my notes")
+    with pytest.raises(tool.ForkError, match="uncommitted changes"):
+        tool.materialize_baseline(None)
+    assert (tool.BASELINE / "README.md").read_text() == "my notes"
+
+
 def test_check_applies_the_series_to_a_pristine_release(tool):
     assert tool.check(None).startswith(f"ok: {len(tool.read_series())} patches apply cleanly")
     corrupt(tool, "0004")
