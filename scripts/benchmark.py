@@ -270,6 +270,10 @@ def ms(t):
     return "OOM" if t is None else f"{t:.2f}"
 
 
+def times(r):
+    return "-" if r is None else f"{r:.3f}"
+
+
 def ratio(a, b):
     return None if a is None or b is None else a / b
 
@@ -308,8 +312,8 @@ def attention_table(results):
             kernels = f"{'+'.join(old_kernels or ['-'])} → {'+'.join(r.get('sdpa_kernels') or ['-'])}"
         lines.append(
             f"| {r['backend']} | {r['heads']} | {r['seq_len']} | {ms(old_ms)} | {ms(r['ms'])} | {ms(floor_ms)} "
-            f"| {time_ratio and f'{time_ratio:.3f}'} | {mib(old_bytes)} | {mib(r['call_bytes'])} | {mib(floor_bytes)} "
-            f"| {memory_ratio and f'{memory_ratio:.3f}'} | {mib(saved)} | {mib(repeated_kv_bytes(r['heads'], r['seq_len']))} "
+            f"| {times(time_ratio)} | {mib(old_bytes)} | {mib(r['call_bytes'])} | {mib(floor_bytes)} "
+            f"| {times(memory_ratio)} | {mib(saved)} | {mib(repeated_kv_bytes(r['heads'], r['seq_len']))} "
             f"| {kernels} |"
         )
     return lines
