@@ -109,11 +109,12 @@ class Given(torch.nn.Module):
         return self.tensor
 
 
-def attention_call(model_module, args, x, masks):
+def attention_call(model_module, args, seq_len, masks):
     """This fork's Attention.forward, fed prepared q/k/v, with q/k norm and wo off
     (args.qk_norm is False; RoPE is switched off by the caller)."""
     attention = model_module.Attention(args)
-    bs, seqlen, _ = x.shape
+    bs, seqlen = 1, seq_len
+    x = torch.empty(bs, seqlen, args.dim, device="meta")  # only its shape is read
     widths = {"wq": args.n_heads, "wk": args.n_kv_heads, "wv": args.n_kv_heads}
     for name, heads in widths.items():
         # (bs, seqlen, heads * head_dim), as the projection returns it
@@ -231,10 +232,9 @@ def worker(path_name, backend, seq_lens, out, command):
             args = replace(qwen3_args[flavor], attn_type=backend, attn_mask_type=mask_type,
                            max_seq_len=seq_len, qk_norm=False)
             masks = masks_for(args, documents(seq_len))
-            x = torch.empty(1, seq_len, args.dim, device="meta")  # only its shape is read
             row = dict(kind="attention", backend=backend, heads=heads, seq_len=seq_len)
             with mock.patch.object(qwen3_model, "apply_rotary_emb", lambda xq, xk, *_: (xq, xk)):
-                run(attention_call(qwen3_model, args, x, masks), variant="layer", **row)
+                run(attention_call(qwen3_model, args, seq_len, masks), variant="layer", **row)
             if path_name == "series":
                 run(kernel_floor(backend, args, seq_len, masks), variant="floor", **row)
         args = replace(qwen3_args[flavor], attn_type=backend, attn_mask_type=mask_type,
@@ -274,6 +274,10 @@ def times(r):
     return "-" if r is None else f"{r:.3f}"
 
 
+def difference(a, b):
+    return None if a is None or b is None else a - b
+
+
 def ratio(a, b):
     return None if a is None or b is None else a / b
 
@@ -287,9 +291,20 @@ class Results:
     def key(r):
         return r["kind"], r["backend"], r["heads"], r["seq_len"], r.get("variant"), r["path"]
 
+    def match(self, row, *, path, variant=None):
+        """The measurement of `row`'s case on another path or variant, if taken."""
+        return self.by_key.get(self.key(row)[:4] + (variant, path))
+
     def get(self, row, field, *, path, variant=None):
-        other = self.by_key.get(self.key(row)[:4] + (variant, path))
+        other = self.match(row, path=path, variant=variant)
         return other and other[field]
+
+    def sdpa_kernels(self, row):
+        """'0.2.1's kernels → the series' kernels' for an SDPA row, else ''."""
+        if row["backend"] != "sdpa":
+            return ""
+        old = self.get(row, "sdpa_kernels", path="0.2.1", variant=row.get("variant"))
+        return f"{'+'.join(old or ['-'])} → {'+'.join(row.get('sdpa_kernels') or ['-'])}"
 
     def series(self, kind, variant=None):
         return [r for r in self.rows if r["kind"] == kind and r["path"] == "series" and r.get("variant") == variant]
@@ -305,16 +320,12 @@ def attention_table(results):
         old_ms, old_bytes = (results.get(r, f, path="0.2.1", variant="layer") for f in ("ms", "call_bytes"))
         floor_ms, floor_bytes = (results.get(r, f, path="series", variant="floor") for f in ("ms", "call_bytes"))
         time_ratio, memory_ratio = ratio(r["ms"], floor_ms), ratio(r["call_bytes"], floor_bytes)
-        saved = None if old_bytes is None or r["call_bytes"] is None else old_bytes - r["call_bytes"]
-        kernels = ""
-        if r["backend"] == "sdpa":
-            old_kernels = results.get(r, "sdpa_kernels", path="0.2.1", variant="layer")
-            kernels = f"{'+'.join(old_kernels or ['-'])} → {'+'.join(r.get('sdpa_kernels') or ['-'])}"
+        saved = difference(old_bytes, r["call_bytes"])
         lines.append(
             f"| {r['backend']} | {r['heads']} | {r['seq_len']} | {ms(old_ms)} | {ms(r['ms'])} | {ms(floor_ms)} "
             f"| {times(time_ratio)} | {mib(old_bytes)} | {mib(r['call_bytes'])} | {mib(floor_bytes)} "
             f"| {times(memory_ratio)} | {mib(saved)} | {mib(repeated_kv_bytes(r['heads'], r['seq_len']))} "
-            f"| {kernels} |"
+            f"| {results.sdpa_kernels(r)} |"
         )
     return lines
 
@@ -327,17 +338,13 @@ def step_table(results):
     ]
     for r in results.series("step"):
         old_ms, old_peak = (results.get(r, f, path="0.2.1") for f in ("ms", "peak_bytes"))
-        saved = None if old_peak is None or r["peak_bytes"] is None else old_peak - r["peak_bytes"]
+        saved = difference(old_peak, r["peak_bytes"])
         tokens_per_s = lambda t: "OOM" if t is None else f"{r['seq_len'] / t * 1e3:.0f}"  # noqa: E731
-        kernels = ""
-        if r["backend"] == "sdpa":
-            old_kernels = results.get(r, "sdpa_kernels", path="0.2.1")
-            kernels = f"{'+'.join(old_kernels or ['-'])} → {'+'.join(r.get('sdpa_kernels') or ['-'])}"
         lines.append(
             f"| {r['backend']} | {r['heads']} | {r['flavor']}, {r['n_layers']} of {r['total_layers']} "
             f"| {ms(old_ms)} | {ms(r['ms'])} | {tokens_per_s(old_ms)} | {tokens_per_s(r['ms'])} "
             f"| {gib(old_peak)} | {gib(r['peak_bytes'])} | {mib(saved)} "
-            f"| {mib(repeated_kv_bytes(r['heads'], r['seq_len'], n_layers=r['n_layers']))} | {kernels} |"
+            f"| {mib(repeated_kv_bytes(r['heads'], r['seq_len'], n_layers=r['n_layers']))} | {results.sdpa_kernels(r)} |"
         )
     return lines
 
@@ -378,7 +385,7 @@ def targets(results):
     for r in steps:
         old = results.get(r, "peak_bytes", path="0.2.1")
         expected = repeated_kv_bytes(r["heads"], r["seq_len"], n_layers=r["n_layers"])
-        saved[case(r)] = None if old is None or r["peak_bytes"] is None else (old - r["peak_bytes"]) / expected
+        saved[case(r)] = ratio(difference(old, r["peak_bytes"]), expected)
     verdict(
         "training step peak memory lower than 0.2.1 by at least the repeated K/V bytes",
         saved, lambda v: v < 1, lambda v: f"saved {v:.2f}× the expected" if v is not None else "OOM", min,
@@ -387,7 +394,7 @@ def targets(results):
     # range of the two, relative to its median)
     speed = {}
     for r in steps:
-        old = results.by_key.get(results.key(r)[:5] + ("0.2.1",))
+        old = results.match(r, path="0.2.1")
         if old and old["ms"] is not None and r["ms"] is not None:
             speed[case(r)] = (old["ms"] / r["ms"], max(spread(old["times"]), spread(r["times"])))
         else:
