@@ -6,8 +6,8 @@ base commit, one commit per patch) and writes edits made there back to patches/.
 
     python3 scripts/gqa_fork.py setup        # materialize + install + main job
     python3 scripts/gqa_fork.py test         # materialize + install + tests
-    python3 scripts/gqa_fork.py materialize [--upto PATCH] [--dest DIR] [--sdist FILE] [--discard]
-    python3 scripts/gqa_fork.py export | check | install | data | train
+    python3 scripts/gqa_fork.py materialize [--upto PATCH] [--dest DIR] [--sdist FILE] [--discard] [--upstream CHECKOUT]
+    python3 scripts/gqa_fork.py export [--drop-missing] | check | install | data | train
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import argparse
 import filecmp
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -63,6 +65,9 @@ FORMAT_PATCH_CONFIG = [
 # Left out of the base commit: setuptools rewrites it on every install.
 GENERATED_METADATA = "torchtitan.egg-info"
 FORK_EXCLUDES = f"__pycache__/\n*.pyc\n/{GENERATED_METADATA}/\n/outputs/\n/build/\n"
+# In the fork's .git: the series' patches (name, sha256) as of the last
+# materialize or export.
+SYNC_RECORD = "gqa-fork-synced.json"
 
 MIN_TORCH = (2, 11)
 TORCH_SPEC = os.environ.get("GQA_FORK_TORCH", "torch==2.13.0")
@@ -128,6 +133,8 @@ def verified_sdist(sdist: Path | None) -> Path:
         sdist = BUILD / SDIST_NAME
         if not sdist.exists():
             download_sdist(sdist)
+    if sdist.is_dir():
+        raise ForkError(f"--sdist {sdist} is a folder; pass the path of the file {SDIST_NAME}")
     if not sdist.is_file():
         raise ForkError(f"sdist {sdist} does not exist; pass the path of {SDIST_NAME} or omit --sdist to download it")
     actual = sha256_of(sdist)
@@ -156,33 +163,101 @@ def download_sdist(target: Path) -> None:
         shutil.move(downloaded, target)
 
 
-def unpack(sdist: Path, dest: Path) -> None:
+def release_members(sdist: Path) -> dict[str, tarfile.TarInfo]:
+    """The sdist's files by their path in the release, generated metadata left out."""
     prefix = f"torchtitan-{RELEASE}/"
     with tarfile.open(sdist) as tar:
-        members = []
-        for member in tar.getmembers():
-            if not member.name.startswith(prefix) or member.name.startswith(prefix + GENERATED_METADATA):
-                continue
-            member.name = member.name[len(prefix):]
-            members.append(member)
-        tar.extractall(dest, members=members, filter="data")
+        return {
+            m.name[len(prefix):]: m for m in tar.getmembers()
+            if m.name.startswith(prefix) and not m.name.startswith(prefix + GENERATED_METADATA)
+        }
+
+
+def unpack(sdist: Path, dest: Path) -> None:
+    members = []
+    for name, member in release_members(sdist).items():
+        member.name = name
+        members.append(member)
+    # The archive's sha256 was checked; the data filter (Python 3.10.12+,
+    # 3.11.4+) guards the extraction as well where this Python has it.
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    with tarfile.open(sdist) as tar:
+        tar.extractall(dest, members=members, **safe)
+
+
+def touched_files(names: list[str]) -> set[str]:
+    """The paths that these patches create, change or delete."""
+    return {
+        path
+        for name in names
+        for path in re.findall(r"^diff --git a/(\S+) b/", (PATCHES / name).read_text(), re.MULTILINE)
+    }
+
+
+def check_upstream_matches_release(upstream: Path, sdist: Path, names: list[str]) -> None:
+    """Upstream's v0.2.1 must hold what the release holds in every file the series touches."""
+    members = release_members(sdist)
+    with tarfile.open(sdist) as tar:
+        for path in sorted(touched_files(names)):
+            release = tar.extractfile(members[path]).read() if path in members else None
+            proc = subprocess.run(["git", "-C", upstream, "show", f"{BASE_TAG}:{path}"], capture_output=True)
+            tagged = proc.stdout if proc.returncode == 0 else None
+            if tagged != release:
+                raise ForkError(
+                    f"{upstream} at {BASE_TAG} differs from the PyPI release in {path}, which the series "
+                    f"touches; check out upstream's own {BASE_TAG} tag there, or omit --upstream"
+                )
 
 
 # -------------------------------------------------------------------- the fork
 
 
+def patch_digests(names: list[str]) -> list[list[str]]:
+    return [[name, hashlib.sha256((PATCHES / name).read_bytes()).hexdigest()] for name in names]
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def record_sync(fork: Path) -> None:
+    """Remember the series as it is now: what the fork was last made from or
+    exported to, so that later changes are known to be the fork's or patches/'s."""
+    (fork / ".git" / SYNC_RECORD).write_text(json.dumps(patch_digests(read_series())) + "\n")
+
+
+def last_sync(fork: Path) -> list[list[str]]:
+    """The series as it was at the last materialize or export. A fork made
+    before the record existed counts as made from the series as it is now."""
+    record = fork / ".git" / SYNC_RECORD
+    return json.loads(record.read_text()) if record.exists() else patch_digests(read_series())
+
+
 def fork_state(fork: Path) -> tuple[list[str], str]:
     """The fork's commits since the base as patch texts, and its uncommitted changes."""
+    if not fork.exists():
+        raise ForkError(f"there is no fork at {fork}; run 'materialize' first")
     if not (fork / ".git").exists() or not git(fork, "tag", "--list", BASE_TAG).strip():
         raise ForkError(
-            f"{fork} exists but is not a fork made by this tool (no git tag {BASE_TAG}); "
-            f"move it away, or pass --discard to keep it as a backup folder and rebuild"
+            f"{fork} exists but is not a fork made by this tool (no git tag {BASE_TAG}); move it away, "
+            f"or run 'materialize --discard' to keep it as a backup folder and rebuild"
         )
     dirty = git(fork, "status", "--porcelain")
     with tempfile.TemporaryDirectory() as tmp:
         format_patches(fork, Path(tmp))
         texts = [p.read_text() for p in sorted(Path(tmp).glob("*.patch"))]
     return texts, dirty
+
+
+def changes_since_sync(fork: Path, commits: list[str]) -> tuple[bool, list[str]]:
+    """Whether the fork has commits that were not in the series at the last
+    sync, and the patches of patches/ that changed since then."""
+    synced = last_sync(fork)
+    fork_changed = [text_digest(c) for c in commits] != [digest for _, digest in synced[: len(commits)]]
+    current = patch_digests(read_series())
+    changed_patches = [name for name, digest in current if [name, digest] not in synced]
+    changed_patches += [name for name, _ in synced if name not in dict(current)]
+    return fork_changed, changed_patches
 
 
 def format_patches(fork: Path, out: Path) -> list[str]:
@@ -212,38 +287,78 @@ def apply_patches(fork: Path, names: list[str]) -> None:
             )
 
 
-def build_fork(dest: Path, names: list[str], sdist: Path | None) -> None:
-    """Unpack the verified release next to dest, commit it, apply the series, then move it in place."""
+def commit_release(staging: Path, sdist: Path) -> None:
+    """The verified release as the base commit of a new repository."""
+    unpack(sdist, staging)
+    git(staging, "init", "--quiet", "--initial-branch=gqa")
+    git(staging, "add", "--all")
+    git(
+        staging, "commit", "--quiet", "--no-verify",
+        "-m", f"torchtitan {RELEASE} release from PyPI\n\nsdist sha256 {SDIST_SHA256}\n"
+        f"{GENERATED_METADATA}/ is left out: setuptools rewrites it on every install.",
+        env=RELEASE_IDENTITY,
+    )
+    git(staging, "tag", BASE_TAG)
+
+
+def check_out_upstream(staging: Path, upstream: Path, sdist: Path, names: list[str]) -> None:
+    """Upstream's own v0.2.1 commit as the base, so that the branch shares its history."""
+    if git(upstream, "rev-parse", "--verify", "--quiet", f"{BASE_TAG}^{{commit}}", check=False).strip() == "":
+        raise ForkError(
+            f"{upstream} has no tag {BASE_TAG}; fetch upstream's tags there "
+            f"(git -C {upstream} fetch --tags) or omit --upstream"
+        )
+    check_upstream_matches_release(upstream, sdist, names)
+    git(staging.parent, "clone", "--quiet", "--no-checkout", str(upstream.resolve()), str(staging))
+    git(staging, "checkout", "--quiet", "-b", "gqa", BASE_TAG)
+
+
+def build_fork(dest: Path, names: list[str], sdist: Path | None, upstream: Path | None = None) -> Path:
+    """The release (or upstream's v0.2.1) plus the patches, built in a new
+    folder beside dest; the caller moves it in place."""
     sdist = verified_sdist(sdist)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        unpack(sdist, staging)
-        git(staging, "init", "--quiet", "--initial-branch=gqa")
+        if upstream is None:
+            commit_release(staging, sdist)
+        else:
+            check_out_upstream(staging, upstream, sdist, names)
         (staging / ".git" / "info" / "exclude").write_text(FORK_EXCLUDES)
-        git(staging, "add", "--all")
-        git(
-            staging, "commit", "--quiet", "--no-verify",
-            "-m", f"torchtitan {RELEASE} release from PyPI\n\nsdist sha256 {SDIST_SHA256}\n"
-            f"{GENERATED_METADATA}/ is left out: setuptools rewrites it on every install.",
-            env=RELEASE_IDENTITY,
-        )
-        git(staging, "tag", BASE_TAG)
         apply_patches(staging, names)
-        staging.rename(dest)
-    finally:
+        record_sync(staging)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
 
 
-def materialize(dest: Path, upto: str | None, sdist: Path | None, discard: bool) -> str:
+def backup_name(dest: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidates = (dest.with_name(f"{dest.name}.backup-{stamp}{f'-{n}' if n else ''}") for n in itertools.count())
+    return next(c for c in candidates if not c.exists())
+
+
+def materialize(
+    dest: Path, upto: str | None, sdist: Path | None, discard: bool, upstream: Path | None = None
+) -> str:
     names = select_patches(upto)
-    if dest.exists() and discard:
-        backup = dest.with_name(f"{dest.name}.backup-{time.strftime('%Y%m%d-%H%M%S')}")
-        dest.rename(backup)
-        print(f"kept the old {dest.name} as {backup}")
-    if not dest.exists():
-        build_fork(dest, names, sdist)
-        return f"{dest}: {RELEASE} + {len(names)} patches"
+    if sdist is not None:
+        verified_sdist(sdist)
+    if not dest.exists() or discard or upstream is not None:
+        if dest.exists() and not discard:
+            raise ForkError(
+                f"{dest} exists; --upstream builds a new fork: pass --discard too "
+                f"to keep the old one as a backup folder"
+            )
+        built = build_fork(dest, names, sdist, upstream)
+        if dest.exists():
+            backup = backup_name(dest)
+            dest.rename(backup)
+            print(f"kept the old {dest.name} as {backup}")
+        built.rename(dest)
+        base = f"upstream {BASE_TAG} from {upstream}" if upstream else RELEASE
+        return f"{dest}: {base} + {len(names)} patches"
 
     commits, dirty = fork_state(dest)
     if dirty:
@@ -251,26 +366,47 @@ def materialize(dest: Path, upto: str | None, sdist: Path | None, discard: bool)
             f"{dest} has uncommitted changes; commit them and run 'export', "
             f"or pass --discard to keep the fork as a backup folder and rebuild"
         )
-    series_texts = [(PATCHES / n).read_text() for n in read_series()]
-    if commits != series_texts[: len(commits)]:
+    fork_changed, changed_patches = changes_since_sync(dest, commits)
+    if fork_changed and changed_patches:
+        raise ForkError(
+            f"both {dest} (commits not in the series) and patches/ ({', '.join(changed_patches)}) changed "
+            f"since the fork was made; run 'materialize --discard' to rebuild from patches/ "
+            f"(the fork is kept as a backup folder) and carry your commits over from the backup"
+        )
+    if fork_changed:
         raise ForkError(
             f"{dest} has commits that are not in patches/series; run 'export' to keep them, "
             f"or pass --discard to keep the fork as a backup folder and rebuild"
         )
-    if commits == series_texts[: len(names)]:
+    wanted = [(PATCHES / n).read_text() for n in names]
+    if commits == wanted:
         return f"{dest}: up to date ({RELEASE} + {len(names)} patches)"
-    # Every commit is in the series, so moving the branch loses nothing.
-    common = min(len(commits), len(names))
+    # Every commit is one the series had, so moving the branch loses nothing.
+    common = next((i for i, (a, b) in enumerate(zip(commits, wanted)) if a != b), min(len(commits), len(wanted)))
     git(dest, "reset", "--hard", "--quiet", f"HEAD~{len(commits) - common}")
     apply_patches(dest, names[common:])
-    return f"{dest}: {RELEASE} + {len(names)} patches"
+    record_sync(dest)
+    updated = f" (patches/ changed: {', '.join(changed_patches)})" if changed_patches else ""
+    return f"{dest}: {RELEASE} + {len(names)} patches{updated}"
 
 
-def export() -> str:
+def export(drop_missing: bool = False) -> str:
     commits, dirty = fork_state(FORK)
     if dirty:
         raise ForkError(f"{FORK} has uncommitted changes; commit them in the fork, then export")
-    old = read_series() if SERIES.exists() else []
+    old = read_series()
+    _, changed_patches = changes_since_sync(FORK, commits)
+    if changed_patches and commits != [(PATCHES / n).read_text() for n in old]:
+        raise ForkError(
+            f"patches/ changed since the fork was made ({', '.join(changed_patches)}) and export would "
+            f"overwrite that; run 'materialize' to bring the changes into the fork first"
+        )
+    if len(commits) < len(old) and not drop_missing:
+        raise ForkError(
+            f"the fork holds {len(commits)} commits and patches/series {len(old)} patches (was it made "
+            f"with --upto?); run 'materialize' to bring it to the whole series, or pass --drop-missing "
+            f"to delete the patches it lacks from patches/"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         names = format_patches(FORK, Path(tmp))
         for name in names:
@@ -278,6 +414,7 @@ def export() -> str:
     for name in set(old) - set(names):
         (PATCHES / name).unlink()
     SERIES.write_text("".join(f"{n}\n" for n in names))
+    record_sync(FORK)
     return f"exported {len(names)} patches to {PATCHES}/"
 
 
@@ -287,8 +424,7 @@ def check(sdist: Path | None) -> str:
     if unlisted:
         raise ForkError(f"patches/ holds files not in series: {', '.join(unlisted)}; add them to series or delete them")
     with tempfile.TemporaryDirectory() as tmp:
-        fork = Path(tmp, "torchtitan")
-        build_fork(fork, names, sdist)
+        fork = build_fork(Path(tmp, "torchtitan"), names, sdist)
         out = Path(tmp, "exported")
         out.mkdir()
         exported = format_patches(fork, out)
@@ -324,30 +460,36 @@ def install() -> str:
         raise ForkError(f"{FORK} does not exist; run 'materialize' first")
     torch_version = installed_version("torch")
     if torch_version is None or tuple(int(x) for x in re.findall(r"\d+", torch_version)[:2]) < MIN_TORCH:
-        # Pinned: a bare "torch" would pull several GB of CUDA wheels onto a CPU machine.
-        pip("install", TORCH_SPEC)
+        # Pinned: a bare "torch" would pull the newest release's CUDA wheels.
+        pip("install", *shlex.split(TORCH_SPEC))
         torch_version = installed_version("torch")
     with tempfile.TemporaryDirectory() as tmp:
         constraints = Path(tmp, "constraints.txt")
         constraints.write_text(f"torch=={torch_version}\n")
         wanted = [] if installed_version("triton") else ["triton"]
-        if not fork_is_installed():
-            wanted += ["-e", str(FORK)]
-        for tool in ("pytest", "tomli_w", "matplotlib"):
+        if not fork_imports_from_root():
+            # compat: a path entry for the checkout, which outranks the checkout
+            # folder ./torchtitan that Python finds first from the repository root
+            wanted += ["--config-settings", "editable_mode=compat", "-e", str(FORK)]
+        for tool in ("pytest", "matplotlib"):
             if not installed_version(tool):
                 wanted.append(tool)
         if wanted:
             pip("install", "--quiet", "-c", str(constraints), *wanted)
+    if not fork_imports_from_root():
+        raise ForkError(f"from {ROOT}, 'import torchtitan' does not load {FORK}; see pip's output above")
     return f"installed: torch {torch_version}, torchtitan from {FORK}"
 
 
-def fork_is_installed() -> bool:
-    try:
-        dist = importlib.metadata.distribution("torchtitan")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    direct_url = dist.read_text("direct_url.json")
-    return bool(direct_url) and json.loads(direct_url).get("url") == FORK.as_uri()
+def fork_imports_from_root() -> bool:
+    """Whether `import torchtitan`, run from the repository root as the configs'
+    commands are, loads the fork's package rather than the checkout folder."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import torchtitan; print(torchtitan.__file__)"],
+        cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        capture_output=True, text=True,
+    )
+    return proc.stdout.strip() == str(FORK / "torchtitan" / "__init__.py")
 
 
 # ------------------------------------------------------------------------ data
@@ -386,11 +528,14 @@ def make_data(out: Path) -> str:
 
     rng = random.Random(0)
     documents = [" ".join(sentence(rng) for _ in range(rng.randint(4, 60))) for _ in range(1500)]
+    quarter = len(documents) // 4
     corpora = {
         # Short documents: several per training sequence (block_causal masks matter).
         "multi_doc": documents,
-        # One long document: every training sequence lies inside it.
-        "single_doc": [" ".join(documents)],
+        # Four long documents, one or more for every data-parallel rank: the
+        # sequences of a short run lie inside one, so causal and block_causal
+        # masks agree.
+        "single_doc": [" ".join(documents[i : i + quarter]) for i in range(0, len(documents), quarter)],
     }
     for name, texts in corpora.items():
         folder = out / name
@@ -445,9 +590,15 @@ def cmd_test(args) -> str:
     print(materialize(FORK, None, args.sdist, False))
     print(materialize_baseline(args.sdist))
     print(install())
-    proc = subprocess.run([sys.executable, "-m", "pytest", *args.pytest_args], cwd=ROOT)
-    if proc.returncode != 0:
-        raise ForkError(f"tests failed (pytest exit {proc.returncode}); see the report above")
+    # the fork's tests from its root, as upstream runs them; then this repository's
+    exits = {
+        name: subprocess.run([sys.executable, "-m", "pytest", "-ra", *args.pytest_args], cwd=folder).returncode
+        for name, folder in (("the fork's tests", FORK), ("the tooling and training tests", ROOT))
+    }
+    # 5: no test matched the pytest arguments in that folder
+    failed = [f"{name} (pytest exit {code})" for name, code in exits.items() if code not in (0, 5)]
+    if failed or set(exits.values()) == {5}:
+        raise ForkError(f"tests failed: {', '.join(failed) or 'no test matched'}; see the reports above")
     return "tests passed"
 
 
@@ -494,23 +645,43 @@ def step_losses(fork: Path, *args: str) -> list[float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])["losses"]
 
 
-def trainer_losses(fork: Path, config: Path, dump: Path, overrides: list[str]) -> list[float]:
-    """Per-step losses of torchtitan's Trainer (one GPU) run from `fork`."""
+def run_trainer(
+    fork: Path, config: Path, dump: Path, overrides: list[str], nproc: int = 1, gpus: str | None = None
+) -> str:
+    """torchtitan's Trainer run from `fork` on `nproc` GPUs (those of
+    CUDA_VISIBLE_DEVICES `gpus`, if given); its log, also at dump/train.log."""
     dump.mkdir(parents=True, exist_ok=True)
     log = dump / "train.log"
     env = fork_env(fork, ROOT / "tests" / "integration")
-    env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+    # NVLink multicast off: on shared hosts it can take the GPUs out of service
+    env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
     with log.open("w") as out:
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+             # rank 0's log: every rank logs the same step metrics
+             "--tee=3", "--local-ranks-filter=0",
              "-m", "torchtitan.train", f"--job.config_file={config}", f"--job.dump_folder={dump}",
              *overrides],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
-    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
-    losses = [float(loss) for loss in re.findall(r"step:\s*\d+\s+loss:\s*(\S+)", text)]
-    if proc.returncode != 0 or not losses:
+    if proc.returncode != 0:
         raise ForkError(f"the Trainer failed with {config.name} {' '.join(overrides)}; see {log}")
+    return re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
+
+
+def trainer_metric(log: str, name: str) -> list[float]:
+    """One of the per-step metrics the Trainer logs: loss, memory (GiB reserved) or tps."""
+    values = re.findall(rf"step:\s*\d+\s.*?{name}:\s*([\d.,]+)", log)
+    return [float(value.replace(",", "")) for value in values]
+
+
+def trainer_losses(*args, **kwargs) -> list[float]:
+    """Per-step losses of run_trainer(*args, **kwargs)."""
+    losses = trainer_metric(run_trainer(*args, **kwargs), "loss")
+    if not losses:
+        raise ForkError(f"the Trainer logged no loss; see {args[2] / 'train.log'}")
     return losses
 
 
@@ -523,7 +694,7 @@ def loss_table(losses: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gqa_fork.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -534,8 +705,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upto", help="stop after this patch (name or number, e.g. 0001)")
     p.add_argument("--dest", type=Path, default=FORK, help="where to put the fork (default ./torchtitan)")
     p.add_argument("--discard", action="store_true", help="move an existing fork to a backup folder and rebuild")
+    p.add_argument("--upstream", type=Path, metavar="CHECKOUT",
+                   help=f"base the series on this torchtitan git checkout's {BASE_TAG} tag, not on the sdist")
     sdist_option(p)
     p = sub.add_parser("export", help="write the fork's commits back to patches/")
+    p.add_argument("--drop-missing", action="store_true",
+                   help="let a fork with fewer commits than the series delete the patches it lacks")
     p = sub.add_parser("check", help="apply the series to a pristine release in a temporary folder")
     sdist_option(p)
     sub.add_parser("install", help="pip-install torch (if needed), triton and the fork (editable)")
@@ -545,17 +720,24 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("setup", help="materialize, install, then run the main job")
     p.add_argument("--steps", type=int, default=10)
     sdist_option(p)
-    p = sub.add_parser("test", help="materialize the fork and the 0.2.1 path, install, run pytest")
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
+    about = "materialize the fork and the 0.2.1 path, install, run pytest; other arguments go to pytest (test -k varlen)"
+    p = sub.add_parser("test", help=about, description=about)
     sdist_option(p)
-    args = parser.parse_args(argv)
+    args, pytest_args = parser.parse_known_args(argv)
+    if args.command != "test" and pytest_args:
+        parser.error(f"unrecognized arguments: {' '.join(pytest_args)}")
+    args.pytest_args = pytest_args[1:] if pytest_args[:1] == ["--"] else pytest_args
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         match args.command:
             case "materialize":
-                message = materialize(args.dest.resolve(), args.upto, args.sdist, args.discard)
+                message = materialize(args.dest.resolve(), args.upto, args.sdist, args.discard, args.upstream)
             case "export":
-                message = export()
+                message = export(args.drop_missing)
             case "check":
                 message = check(args.sdist)
             case "install":
