@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--forward-only", action="store_true", help="no optimizer steps (flex on CPU)")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -62,10 +63,12 @@ def main() -> None:
     )
     model = Qwen3Model(model_args)
     model.init_weights()
+    model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     data = batches(args.corpus, args.batch_size, args.seq_len)
     for _, (inputs, labels, eos_id) in zip(range(args.steps), data):
+        inputs, labels = inputs.to(args.device), labels.to(args.device)
         masks = None if args.attn_type == "sdpa" else model.get_attention_masks(inputs, EosOnly(eos_id))
         with torch.set_grad_enabled(not args.forward_only):
             logits = model(inputs, masks)
