@@ -14,17 +14,25 @@ Attention call: each fork's own Qwen3 `Attention.forward` from q/k/v to the
 output, with the projections returning prepared tensors and RoPE, q/k norm and
 wo switched off, so what is timed is the layout code and the backend arm.
 Floor: the bare kernel on pre-packed q/k/v with n_kv_heads.
-Training step: Qwen3Model with a real size's widths and head counts.
+Training step: Qwen3Model with a real size's widths and head counts; also
+compiled per block, and with per-op SAC, as the Trainer applies them
+(--parts compiled, one GPU per worker, several GPUs at once).
+Trainer: torchtitan's Trainer on two GPUs, FSDP, TP (KV heads sharded and
+replicated) and CP (--parts trainer, on GPU pairs).
 """
 
 import argparse
 import inspect
+import itertools
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -169,11 +177,26 @@ def kernel_floor(backend, args, seq_len, masks):
     return lambda: call().backward(grad)
 
 
-def training_step(model_cls, args, tokens, masks):
-    """One step of Qwen3Model: bf16 autocast forward, fp32 cross entropy, backward, AdamW."""
+def training_step(model_cls, args, tokens, masks, variant=None):
+    """One step of Qwen3Model: bf16 autocast forward, fp32 cross entropy, backward, AdamW.
+    variant "compile": each block compiled as the Trainer compiles it;
+    "compile_sac": per-op selective activation checkpointing, then compiled."""
     with torch.device("cuda"):
         model = model_cls(args)
     model.init_weights()
+    if variant is not None:
+        # this fork's own functions, as its Trainer applies them
+        from torchtitan.config.job_config import ActivationCheckpoint, Compile
+        from torchtitan.distributed.activation_checkpoint import apply_ac
+        from torchtitan.models.llama4.infra.parallelize import apply_compile
+        from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list
+
+        if variant == "compile_sac":
+            apply_ac(
+                model, ActivationCheckpoint(mode="selective", selective_ac_option="op"),
+                model_compile_enabled=True, op_sac_save_list=_op_sac_save_list,
+            )
+        apply_compile(model, Compile(enable=True, components=["model"]), ep_enabled=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
@@ -187,7 +210,7 @@ def training_step(model_cls, args, tokens, masks):
     return step
 
 
-def worker(path_name, backend, seq_lens, out, command):
+def worker(path_name, backend, seq_lens, out, command, step_variants):
     """Runs one backend inside one fork; appends each measurement to `out` as a JSON
     line as soon as it is taken, so that an interrupted run keeps what it measured."""
     # torchtitan is imported here, in the worker, whose PYTHONPATH picks the fork
@@ -226,6 +249,18 @@ def worker(path_name, backend, seq_lens, out, command):
             return qwen3_model.Qwen3Model(replace(args, n_layers=1)).get_attention_masks(tokens, eos)
 
     mask_type = "causal" if backend == "sdpa" else "block_causal"
+    if step_variants:
+        (n_heads, n_kv_heads), (flavor, n_layers) = next(iter(LAYOUTS.items()))
+        args = replace(qwen3_args[flavor], attn_type=backend, attn_mask_type=mask_type,
+                       max_seq_len=STEP_SEQ_LEN, n_layers=n_layers)
+        tokens = documents(STEP_SEQ_LEN)
+        for variant in step_variants:
+            torch._dynamo.reset()
+            run(training_step(qwen3_model.Qwen3Model, args, tokens, masks_for(args, tokens), variant),
+                kind="step", variant=variant, backend=backend, heads=f"{n_heads}/{n_kv_heads}", flavor=flavor,
+                n_layers=n_layers, total_layers=qwen3_args[flavor].n_layers, seq_len=STEP_SEQ_LEN)
+        sink.close()
+        return
     for (n_heads, n_kv_heads), (flavor, n_layers) in LAYOUTS.items():
         heads = f"{n_heads}/{n_kv_heads}"
         for seq_len in seq_lens:
@@ -284,8 +319,9 @@ def ratio(a, b):
 
 class Results:
     def __init__(self, rows):
-        self.rows = rows
-        self.by_key = {self.key(r): r for r in rows}
+        # the kernel and step measurements; Trainer runs have a table of their own
+        self.rows = [r for r in rows if r["kind"] != "trainer"]
+        self.by_key = {self.key(r): r for r in self.rows}
 
     @staticmethod
     def key(r):
@@ -349,6 +385,66 @@ def step_table(results):
     return lines
 
 
+def compiled_table(results):
+    lines = [
+        "| backend | step | 0.2.1 ms | series ms | 0.2.1 tokens/s | series tokens/s "
+        "| 0.2.1 peak GiB | series peak GiB | saved MiB | expected MiB | SDPA kernels 0.2.1 → series |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant in STEP_VARIANTS:
+        for r in results.series("step", variant):
+            old_ms, old_peak = (results.get(r, f, path="0.2.1", variant=variant) for f in ("ms", "peak_bytes"))
+            tokens_per_s = lambda t: "OOM" if t is None else f"{r['seq_len'] / t * 1e3:.0f}"  # noqa: E731
+            lines.append(
+                f"| {r['backend']} | {STEP_NAMES[variant]} | {ms(old_ms)} | {ms(r['ms'])} "
+                f"| {tokens_per_s(old_ms)} | {tokens_per_s(r['ms'])} | {gib(old_peak)} | {gib(r['peak_bytes'])} "
+                f"| {mib(difference(old_peak, r['peak_bytes']))} "
+                f"| {mib(repeated_kv_bytes(r['heads'], r['seq_len'], n_layers=r['n_layers']))} | {results.sdpa_kernels(r)} |"
+            )
+    return lines
+
+
+STEP_NAMES = {"eager": "eager", "compile": "compiled", "compile_sac": "per-op SAC, compiled"}
+# (n_heads, n_kv_heads, head_dim, layers) of the Trainer cases' flavors
+TRAINER_FLAVORS = {"0.6B": (16, 8, 128, 28), "0.6B_mqa": (16, 1, 128, 28)}
+
+
+def cp_kv_bytes(flavor, seq_len, heads, cp=2):
+    """K/V bytes one rank sends per step under context parallel, computed: the
+    K and V of its sequence chunk to the other ranks in forward, again in
+    backward, and their gradients back (bf16)."""
+    layers = TRAINER_FLAVORS[flavor][3]
+    head_dim = TRAINER_FLAVORS[flavor][2]
+    return 3 * layers * (cp - 1) * (seq_len // cp) * heads * head_dim * 2 * 2
+
+
+def trainer_table(rows):
+    lines = [
+        "| case | flavor, heads | backend | seq | 0.2.1 tokens/s per GPU | series tokens/s per GPU "
+        "| 0.2.1 GiB per GPU | series GiB per GPU | final loss 0.2.1 → series | K/V MiB sent per step per GPU, computed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_case = {}
+    for r in rows:
+        if r["kind"] == "trainer":
+            by_case.setdefault((r["case"], r["flavor"], r["backend"], r["seq_len"]), {})[r["path"]] = r
+    for (case, flavor, backend, seq_len), paths in by_case.items():
+        n_heads, n_kv_heads = TRAINER_FLAVORS[flavor][:2]
+        cells = []
+        for field, fmt in (("tps", "{:.0f}"), ("memory_gib", "{:.2f}")):
+            cells += [fmt.format(paths[p][field]) if paths.get(p, {}).get(field) is not None
+                      else ("failed" if p in paths else "-") for p in ("0.2.1", "series")]
+        losses = " → ".join(f"{paths[p]['losses'][-1]:.4f}" if paths.get(p, {}).get("losses") else "-"
+                            for p in ("0.2.1", "series"))
+        kv = (f"{mib(cp_kv_bytes(flavor, seq_len, n_heads))} → {mib(cp_kv_bytes(flavor, seq_len, n_kv_heads))}"
+              if case == "cp" else "")
+        lines.append(f"| {case} | {flavor}, {n_heads}/{n_kv_heads} | {backend} | {seq_len} | {' | '.join(cells)} "
+                     f"| {losses} | {kv} |")
+    failures = [f"- {r['case']} {r['flavor']} {r['backend']} {r['path']}: {r['error']}"
+                for r in rows if r["kind"] == "trainer" and r.get("error")]
+    return lines + ([""] + failures if failures else [])
+
+
 def targets(results):
     """Each target of the benchmark, met or not, with the worst case behind the verdict."""
     lines = []
@@ -410,10 +506,11 @@ def targets(results):
          for r in layers if r["backend"] != "varlen"},
         lambda v: v > 1, lambda v: f"{v:.3f}× 0.2.1" if v else "OOM", max,
     )
-    sdpa = [r for r in layers + steps if r["backend"] == "sdpa"]
+    compiled = [r for variant in STEP_VARIANTS for r in results.series("step", variant)]
+    sdpa = [r for r in layers + steps + compiled if r["backend"] == "sdpa"]
     verdict(
         "SDPA never on the math kernel",
-        {f"{r['kind']} {case(r)}": r.get("sdpa_kernels") for r in sdpa if r["ms"] is not None},
+        {f"{r['kind']} {r.get('variant') or ''} {case(r)}": r.get("sdpa_kernels") for r in sdpa if r["ms"] is not None},
         lambda kernels: not kernels or "math" in kernels, lambda kernels: "+".join(kernels) or "no SDPA op seen",
         lambda all_kernels: sorted({k for kernels in all_kernels for k in kernels}),
         label="kernels seen",
@@ -426,7 +523,7 @@ def report(rows, out_dir):
     runs = {}
     for r in rows:
         runs.setdefault((r["device"], r["command"]), set()).add(r["backend"])
-    raw = ", ".join(f"[benchmark-{b}.jsonl](benchmark-{b}.jsonl)" for b in BACKENDS if any(r["backend"] == b for r in rows))
+    raw = ", ".join(f"[{name}]({name})" for name in RAW_FILES if (out_dir / name).exists())
     lines = [
         "# GQA benchmark: the 0.2.1 path vs the series vs the kernel floor",
         "",
@@ -464,9 +561,32 @@ def report(rows, out_dir):
         "Expected: repeated K/V bytes × layers kept.",
         "",
         *step_table(results),
+        *([
+            "",
+            f"## Training step as the Trainer runs it: compiled, and with per-op SAC (Qwen3Model 0.6B, seq {STEP_SEQ_LEN})",
+            "",
+            "The same step on one GPU, with each block compiled by the fork's own `apply_compile` "
+            "(fullgraph), and with per-op selective activation checkpointing applied by its `apply_ac` "
+            "before compiling, as the Trainer does; the eager row is from the same run.",
+            "",
+            *compiled_table(results),
+        ] if any(r.get("variant") in STEP_VARIANTS for r in rows) else []),
+        *([
+            "",
+            "## Two GPUs: torchtitan's Trainer (Qwen3 0.6B, all 28 layers, batch 1 per GPU)",
+            "",
+            f"Each case once for each path, {TRAINER_STEPS} steps, one run per GPU pair at a time. tokens/s: "
+            "the median over the steps after the first two, per GPU; memory: the peak the Trainer logs "
+            "(reserved, rank 0). TP trains in float32 (torchtitan applies mixed precision through FSDP or "
+            "autocast only); the others in bf16. KV heads replicated: 0.6B with 1 KV head, so TP=2 "
+            "replicates it. CP: ring attention rotates K/V with their heads; the last column is computed "
+            "(see `cp_kv_bytes`), repeated (0.2.1) → n_kv_heads (series).",
+            "",
+            *trainer_table(rows),
+        ] if any(r["kind"] == "trainer" for r in rows) else []),
     ]
     (out_dir / "benchmark.md").write_text("\n".join(lines) + "\n")
-    plot(rows, out_dir / "benchmark.png")
+    plot(results.rows, out_dir / "benchmark.png")
     return "\n".join(lines)
 
 
@@ -501,52 +621,160 @@ def plot(rows, path):
     fig.savefig(path, dpi=100)
 
 
+PARTS = ("kernels", "compiled", "trainer")
+STEP_VARIANTS = ("eager", "compile", "compile_sac")
+RAW_FILES = [f"benchmark-{backend}.jsonl" for backend in BACKENDS] + ["benchmark-compiled.jsonl", "benchmark-trainer.jsonl"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
                         help="measure these again; the report also takes the other backends' "
                         "earlier results from --out")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="kernels: attention calls and eager steps, on one GPU; compiled: the "
+                        "step compiled and with SAC, one GPU per worker; trainer: the Trainer on GPU pairs")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing; remake the report from the raw results in --out")
     parser.add_argument("--worker", nargs=2, metavar=("PATH", "BACKEND"), help=argparse.SUPPRESS)
+    parser.add_argument("--step-variants", nargs="+", choices=STEP_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--command", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(*args.worker, args.seq_lens, args.out, args.command)
+        return worker(*args.worker, args.seq_lens, args.out, args.command, args.step_variants)
 
     if not args.report_only:
-        measure_backends(args)
-    raws = [args.out / f"benchmark-{backend}.jsonl" for backend in BACKENDS]
+        if not torch.cuda.is_available():
+            sys.exit("error: the benchmark needs a CUDA GPU; run it on a GPU machine")
+        for path in PATHS.values():
+            if not (path / "torchtitan").is_dir():
+                sys.exit(f"error: {path} is missing; materialize it first (see the top of {Path(__file__).name})")
+        args.out.mkdir(parents=True, exist_ok=True)
+        args.command = "python3 scripts/benchmark.py " + " ".join(sys.argv[1:])
+        for part, measure_part in (("kernels", measure_backends), ("compiled", measure_compiled), ("trainer", measure_trainer)):
+            if part in args.parts:
+                measure_part(args)
+    raws = [args.out / name for name in RAW_FILES]
     rows = [json.loads(line) for raw in raws if raw.exists() for line in raw.read_text().splitlines()]
     if not rows:
         sys.exit(f"error: no results in {args.out}; run the benchmark without --report-only first")
     print(report(rows, args.out))
 
 
+def worker_env(path):
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH")])),
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",  # the largest steps run near 80 GB
+    }
+
+
 def measure_backends(args):
-    if not torch.cuda.is_available():
-        sys.exit("error: the benchmark needs a CUDA GPU; run it on a GPU machine")
-    for path in PATHS.values():
-        if not (path / "torchtitan").is_dir():
-            sys.exit(f"error: {path} is missing; materialize it first (see the top of {Path(__file__).name})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    command = "python3 scripts/benchmark.py " + " ".join(sys.argv[1:])
     for backend in args.backends:
         raw = args.out / f"benchmark-{backend}.jsonl"
         raw.unlink(missing_ok=True)
         for name, path in PATHS.items():
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH")])),
-                "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",  # the largest steps run near 80 GB
-            }
             subprocess.run(
                 [sys.executable, __file__, "--worker", name, backend, "--out", str(raw),
-                 "--seq-lens", *map(str, args.seq_lens), "--command", command],
-                env=env, check=True,
+                 "--seq-lens", *map(str, args.seq_lens), "--command", args.command],
+                env=worker_env(path), check=True,
             )
+
+
+def on_gpu_sets(jobs, run, gpus_per_job):
+    """Runs run(job, gpus) for every job, one job at a time on each set of
+    `gpus_per_job` GPUs of this machine (a CUDA_VISIBLE_DEVICES string)."""
+    free = queue.Queue()
+    count = torch.cuda.device_count()
+    for first in range(0, count - gpus_per_job + 1, gpus_per_job):
+        free.put(",".join(map(str, range(first, first + gpus_per_job))))
+
+    def take(job):
+        gpus = free.get()
+        try:
+            return run(job, gpus)
+        finally:
+            free.put(gpus)
+
+    with ThreadPoolExecutor(max_workers=free.qsize()) as pool:
+        return list(pool.map(take, jobs))
+
+
+def measure_compiled(args):
+    """The 0.6B step of every backend and path, eager, compiled and compiled
+    with per-op SAC; each (backend, path) in its own worker on its own GPU."""
+    raw = args.out / "benchmark-compiled.jsonl"
+    parts = {job: args.out / f".compiled-{job[0]}-{job[1]}.jsonl" for job in itertools.product(PATHS, BACKENDS)}
+
+    def run(job, gpus):
+        name, backend = job
+        parts[job].unlink(missing_ok=True)
+        subprocess.run(
+            [sys.executable, __file__, "--worker", name, backend, "--out", str(parts[job]),
+             "--step-variants", *STEP_VARIANTS, "--command", args.command],
+            env={**worker_env(PATHS[name]), "CUDA_VISIBLE_DEVICES": gpus}, check=True,
+        )
+
+    on_gpu_sets(list(parts), run, 1)
+    raw.write_text("".join(part.read_text() for part in parts.values()))
+    for part in parts.values():
+        part.unlink()
+
+
+# (case, Trainer overrides, Qwen3 flavor of tests/integration/gqa_flavors.py,
+# backend, path, seq_len), all on two GPUs. The 0.2.1 path's flex fails under
+# TP, and varlen is refused there (it computes in bf16, TP alone in float32).
+FSDP = ["--parallelism.data_parallel_shard_degree=2"]
+TP = ["--parallelism.tensor_parallel_degree=2"]
+CP = ["--parallelism.context_parallel_degree=2"]
+TRAINER_CASES = (
+    [("fsdp", FSDP, "0.6B", backend, path, 8192) for backend in BACKENDS for path in PATHS]
+    + [("tp", TP, "0.6B", backend, path, 8192)
+       for backend in ("sdpa", "flex") for path in PATHS if path == "series" or backend == "sdpa"]
+    + [("tp, KV heads replicated", TP, "0.6B_mqa", backend, path, 8192)
+       for backend in ("sdpa", "flex") for path in PATHS if path == "series" or backend == "sdpa"]
+    + [("cp", CP, "0.6B", "sdpa", path, seq_len) for seq_len in (8192, 16384, 32768) for path in PATHS]
+)
+TRAINER_STEPS = 10
+TRAINER_SUFFIX = {"sdpa": "", "flex": "_flex_attn", "varlen": "_varlen_attn"}
+
+
+def measure_trainer(args):
+    """torchtitan's Trainer on GPU pairs, one run per pair at a time: tokens/s
+    per GPU (median of the steps after the first two) and peak reserved memory
+    per GPU, as the Trainer logs them for rank 0."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gqa_fork
+
+    device = f"{torch.cuda.get_device_name()} x2, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+
+    def run(case, gpus):
+        name, overrides, flavor, backend, path, seq_len = case
+        row = dict(kind="trainer", case=name, flavor=flavor, backend=backend, path=path, seq_len=seq_len,
+                   device=device, command=args.command)
+        with tempfile.TemporaryDirectory() as dump:
+            try:
+                log = gqa_fork.run_trainer(
+                    PATHS[path], ROOT / "configs" / "qwen3_debugmodel_sdpa.toml", Path(dump),
+                    [*overrides, "--model.name=qwen3_gqa", f"--model.flavor={flavor}{TRAINER_SUFFIX[backend]}",
+                     "--experimental.custom_import=gqa_flavors", f"--training.seq_len={seq_len}",
+                     "--training.local_batch_size=1", f"--training.steps={TRAINER_STEPS}",
+                     "--debug.no_deterministic"],
+                    nproc=2, gpus=gpus,
+                )
+                row |= dict(tps=statistics.median(gqa_fork.trainer_metric(log, "tps")[2:]),
+                            memory_gib=max(gqa_fork.trainer_metric(log, "memory")),
+                            losses=gqa_fork.trainer_metric(log, "loss"))
+            except gqa_fork.ForkError:
+                row |= dict(tps=None, memory_gib=None, losses=None,
+                            error=(Path(dump) / "train.log").read_text().strip().splitlines()[-1][-300:])
+        print(json.dumps(row), flush=True)
+        return row
+
+    rows = on_gpu_sets(TRAINER_CASES, run, 2)
+    (args.out / "benchmark-trainer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":
