@@ -288,7 +288,7 @@ def losses_of(trainer, run):
 
 
 def needs(gpus):
-    return pytest.mark.skipif(GPUS < gpus, reason=f"needs {gpus} GPUs, this machine has {GPUS}")
+    return pytest.mark.skipif(GPUS < gpus, reason=f"needs {gpus} GPU(s), this machine has {GPUS}")
 
 
 def pairs(runs_and_expected):
