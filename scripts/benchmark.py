@@ -366,41 +366,40 @@ def attention_table(results):
     return lines
 
 
+STEP_COLUMNS = (
+    "| 0.2.1 ms | series ms | 0.2.1 tokens/s | series tokens/s "
+    "| 0.2.1 peak GiB | series peak GiB | saved MiB | expected MiB | SDPA kernels 0.2.1 → series |"
+)
+
+
+def step_cells(results, r):
+    """The 0.2.1-vs-series cells of a training step row `r` of the series."""
+    old_ms, old_peak = (results.get(r, f, path="0.2.1", variant=r.get("variant")) for f in ("ms", "peak_bytes"))
+    tokens_per_s = lambda t: "OOM" if t is None else f"{r['seq_len'] / t * 1e3:.0f}"  # noqa: E731
+    return (
+        f"| {ms(old_ms)} | {ms(r['ms'])} | {tokens_per_s(old_ms)} | {tokens_per_s(r['ms'])} "
+        f"| {gib(old_peak)} | {gib(r['peak_bytes'])} | {mib(difference(old_peak, r['peak_bytes']))} "
+        f"| {mib(repeated_kv_bytes(r['heads'], r['seq_len'], n_layers=r['n_layers']))} | {results.sdpa_kernels(r)} |"
+    )
+
+
 def step_table(results):
     lines = [
-        "| backend | heads | widths of, layers kept | 0.2.1 ms | series ms | 0.2.1 tokens/s | series tokens/s "
-        "| 0.2.1 peak GiB | series peak GiB | saved MiB | expected MiB | SDPA kernels 0.2.1 → series |",
+        f"| backend | heads | widths of, layers kept {STEP_COLUMNS}",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.series("step"):
-        old_ms, old_peak = (results.get(r, f, path="0.2.1") for f in ("ms", "peak_bytes"))
-        saved = difference(old_peak, r["peak_bytes"])
-        tokens_per_s = lambda t: "OOM" if t is None else f"{r['seq_len'] / t * 1e3:.0f}"  # noqa: E731
         lines.append(
-            f"| {r['backend']} | {r['heads']} | {r['flavor']}, {r['n_layers']} of {r['total_layers']} "
-            f"| {ms(old_ms)} | {ms(r['ms'])} | {tokens_per_s(old_ms)} | {tokens_per_s(r['ms'])} "
-            f"| {gib(old_peak)} | {gib(r['peak_bytes'])} | {mib(saved)} "
-            f"| {mib(repeated_kv_bytes(r['heads'], r['seq_len'], n_layers=r['n_layers']))} | {results.sdpa_kernels(r)} |"
+            f"| {r['backend']} | {r['heads']} | {r['flavor']}, {r['n_layers']} of {r['total_layers']} {step_cells(results, r)}"
         )
     return lines
 
 
 def compiled_table(results):
-    lines = [
-        "| backend | step | 0.2.1 ms | series ms | 0.2.1 tokens/s | series tokens/s "
-        "| 0.2.1 peak GiB | series peak GiB | saved MiB | expected MiB | SDPA kernels 0.2.1 → series |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = [f"| backend | step {STEP_COLUMNS}", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant in STEP_VARIANTS:
         for r in results.series("step", variant):
-            old_ms, old_peak = (results.get(r, f, path="0.2.1", variant=variant) for f in ("ms", "peak_bytes"))
-            tokens_per_s = lambda t: "OOM" if t is None else f"{r['seq_len'] / t * 1e3:.0f}"  # noqa: E731
-            lines.append(
-                f"| {r['backend']} | {STEP_NAMES[variant]} | {ms(old_ms)} | {ms(r['ms'])} "
-                f"| {tokens_per_s(old_ms)} | {tokens_per_s(r['ms'])} | {gib(old_peak)} | {gib(r['peak_bytes'])} "
-                f"| {mib(difference(old_peak, r['peak_bytes']))} "
-                f"| {mib(repeated_kv_bytes(r['heads'], r['seq_len'], n_layers=r['n_layers']))} | {results.sdpa_kernels(r)} |"
-            )
+            lines.append(f"| {r['backend']} | {STEP_NAMES[variant]} {step_cells(results, r)}")
     return lines
 
 
