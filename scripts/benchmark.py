@@ -26,13 +26,11 @@ import inspect
 import itertools
 import json
 import os
-import queue
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -45,7 +43,12 @@ from torch.nn.attention.varlen import varlen_attn
 from torch.profiler import profile, ProfilerActivity
 
 ROOT = Path(__file__).resolve().parent.parent
-PATHS = {"0.2.1": ROOT / "build" / "torchtitan-0.2.1-compat", "series": ROOT / "torchtitan"}
+sys.path.insert(0, str(ROOT / "scripts"))
+from gqa import ForkError, runs  # noqa: E402
+from gqa.bases import BASES, DEFAULT  # noqa: E402
+
+BASE = BASES[DEFAULT]
+PATHS = {"0.2.1": BASE.release_path, "series": BASE.fork}
 # (query heads, KV heads) -> the Qwen3 flavor with those heads, and how many of
 # its layers the training step keeps so that it fits one 80 GB GPU
 LAYOUTS = {(16, 8): ("0.6B", 28), (32, 8): ("4B", 15), (64, 8): ("32B", 4)}
@@ -682,25 +685,6 @@ def measure_backends(args):
             )
 
 
-def on_gpu_sets(jobs, run, gpus_per_job):
-    """Runs run(job, gpus) for every job, one job at a time on each set of
-    `gpus_per_job` GPUs of this machine (a CUDA_VISIBLE_DEVICES string)."""
-    free = queue.Queue()
-    count = torch.cuda.device_count()
-    for first in range(0, count - gpus_per_job + 1, gpus_per_job):
-        free.put(",".join(map(str, range(first, first + gpus_per_job))))
-
-    def take(job):
-        gpus = free.get()
-        try:
-            return run(job, gpus)
-        finally:
-            free.put(gpus)
-
-    with ThreadPoolExecutor(max_workers=free.qsize()) as pool:
-        return list(pool.map(take, jobs))
-
-
 def measure_compiled(args):
     """The 0.6B step of every backend and path, eager, compiled and compiled
     with per-op SAC; each (backend, path) in its own worker on its own GPU."""
@@ -716,7 +700,7 @@ def measure_compiled(args):
             env={**worker_env(PATHS[name]), "CUDA_VISIBLE_DEVICES": gpus}, check=True,
         )
 
-    on_gpu_sets(list(parts), run, 1)
+    runs.on_gpu_sets(list(parts), run, lambda job: 1, torch.cuda.device_count())
     raw.write_text("".join(part.read_text() for part in parts.values()))
     for part in parts.values():
         part.unlink()
@@ -725,9 +709,9 @@ def measure_compiled(args):
 # (case, Trainer overrides, Qwen3 flavor of tests/integration/gqa_flavors.py,
 # backend, path, seq_len), all on two GPUs. The 0.2.1 path's flex fails under
 # TP, and varlen is refused there (it computes in bf16, TP alone in float32).
-FSDP = ["--parallelism.data_parallel_shard_degree=2"]
-TP = ["--parallelism.tensor_parallel_degree=2"]
-CP = ["--parallelism.context_parallel_degree=2"]
+FSDP = ("--parallelism.data_parallel_shard_degree=2",)
+TP = ("--parallelism.tensor_parallel_degree=2",)
+CP = ("--parallelism.context_parallel_degree=2",)
 TRAINER_CASES = (
     [("fsdp", FSDP, "0.6B", backend, path, 8192) for backend in BACKENDS for path in PATHS]
     + [("tp", TP, "0.6B", backend, path, 8192)
@@ -744,9 +728,6 @@ def measure_trainer(args):
     """torchtitan's Trainer on GPU pairs, one run per pair at a time: tokens/s
     per GPU (median of the steps after the first two) and peak reserved memory
     per GPU, as the Trainer logs them for rank 0."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import gqa_fork
-
     device = f"{torch.cuda.get_device_name()} x2, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
 
     def run(case, gpus):
@@ -755,7 +736,7 @@ def measure_trainer(args):
                    device=device, command=args.command)
         with tempfile.TemporaryDirectory() as dump:
             try:
-                log = gqa_fork.run_trainer(
+                log = runs.run_trainer(
                     PATHS[path], ROOT / "configs" / "qwen3_debugmodel_sdpa.toml", Path(dump),
                     [*overrides, "--model.name=qwen3_gqa", f"--model.flavor={flavor}{TRAINER_SUFFIX[backend]}",
                      "--experimental.custom_import=gqa_flavors", f"--training.seq_len={seq_len}",
@@ -763,16 +744,16 @@ def measure_trainer(args):
                      "--debug.no_deterministic"],
                     nproc=2, gpus=gpus,
                 )
-                row |= dict(tps=statistics.median(gqa_fork.trainer_metric(log, "tps")[2:]),
-                            memory_gib=max(gqa_fork.trainer_metric(log, "memory")),
-                            losses=gqa_fork.trainer_metric(log, "loss"))
-            except gqa_fork.ForkError:
+                row |= dict(tps=statistics.median(runs.trainer_metric(log, "tps")[2:]),
+                            memory_gib=max(runs.trainer_metric(log, "memory")),
+                            losses=runs.trainer_metric(log, "loss"))
+            except ForkError:
                 row |= dict(tps=None, memory_gib=None, losses=None,
                             error=(Path(dump) / "train.log").read_text().strip().splitlines()[-1][-300:])
         print(json.dumps(row), flush=True)
         return row
 
-    rows = on_gpu_sets(TRAINER_CASES, run, 2)
+    rows = list(runs.on_gpu_sets(TRAINER_CASES, run, lambda case: 2, torch.cuda.device_count()).values())
     (args.out / "benchmark-trainer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

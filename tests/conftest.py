@@ -1,35 +1,36 @@
 import importlib.util
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
 
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("gqa_fork", ROOT / "scripts" / "gqa_fork.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gqa_fork"] = module
-    spec.loader.exec_module(module)
-    return module
+from gqa import bases  # noqa: E402
 
 
 @pytest.fixture
-def tool(tmp_path, monkeypatch):
-    """The CLI module, working on a copy of patches/ and a fork under tmp_path."""
-    module = load_tool()
+def base(tmp_path):
+    """The default base with a copy of its series, and its fork and release
+    path under tmp_path (the verified sdist is shared)."""
+    default = bases.BASES[bases.DEFAULT]
     patches = tmp_path / "patches"
-    shutil.copytree(module.PATCHES, patches)
-    monkeypatch.setattr(module, "PATCHES", patches)
-    monkeypatch.setattr(module, "SERIES", patches / "series")
-    monkeypatch.setattr(module, "FORK", tmp_path / "torchtitan")
-    monkeypatch.setattr(module, "BASELINE", tmp_path / "build" / "torchtitan-0.2.1-compat")
-    return module
+    shutil.copytree(default.patches, patches)
+    return replace(
+        default,
+        patches=patches,
+        fork=tmp_path / "torchtitan",
+        release_path=tmp_path / "build" / default.release_path.name,
+    )
 
 
 @pytest.fixture(scope="session")
 def cli():
-    """The CLI module as it is, on the real fork and the 0.2.1 path beside it."""
-    return load_tool()
+    """The CLI module, scripts/gqa_fork.py."""
+    spec = importlib.util.spec_from_file_location("gqa_fork", ROOT / "scripts" / "gqa_fork.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from gqa.bases import BASES, DEFAULT
+
 MODELS = "torchtitan/models"
 # name: (file, code, mutated code, the fork's test that must fail)
 MUTATIONS = {
@@ -74,13 +76,13 @@ NEEDS_CUDA = {"sdpa GQA decided from q's dtype under autocast"}
 
 
 @pytest.mark.parametrize("name", MUTATIONS)
-def test_mutation_fails_its_test(cli, tmp_path, name):
+def test_mutation_fails_its_test(tmp_path, name):
     if name in NEEDS_CUDA and not torch.cuda.is_available():
         pytest.skip("caught by a CUDA kernel test")
     path, code, mutated, test = MUTATIONS[name]
     scratch = tmp_path / "torchtitan"
     scratch.mkdir()
-    archive = subprocess.run(["git", "-C", cli.FORK, "archive", "HEAD"], capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "-C", BASES[DEFAULT].fork, "archive", "HEAD"], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", scratch], input=archive, check=True)
     source = scratch / path
     text = source.read_text()

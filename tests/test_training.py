@@ -9,17 +9,19 @@ tables are written to build/training_losses.md.
 import itertools
 import math
 import os
-import queue
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 
+from gqa import ForkError, runs
+from gqa.bases import BASES, DEFAULT
+
 ROOT = Path(__file__).resolve().parent.parent
+BASE = BASES[DEFAULT]
 STEPS = 12
 # On several GPUs, bf16 with FSDP amplifies rounding once the loss falls fast:
 # on 2 H200s (FSDP=2, Qwen3 16/8) every backend of the series and the 0.2.1
@@ -60,28 +62,28 @@ def assert_trains(losses):
 # ------------------------------------------------------------------ CPU part
 
 
-def test_cpu_sdpa_training_matches_the_release_path(cli):
+def test_cpu_sdpa_training_matches_the_release_path():
     for heads in (["--n-heads=16", "--n-kv-heads=8"], ["--n-heads=32", "--n-kv-heads=8"]):
-        series = cli.step_losses(cli.FORK, "--attn-type=sdpa", "--steps=5", *heads)
-        release = cli.step_losses(cli.BASELINE, "--attn-type=sdpa", "--steps=5", *heads)
+        series = runs.step_losses(BASE.fork, "--attn-type=sdpa", "--steps=5", *heads)
+        release = runs.step_losses(BASE.release_path, "--attn-type=sdpa", "--steps=5", *heads)
         assert_trains(series)
         assert_losses_close(series, release, FP32_RTOL)
 
 
-def test_flex_forward_matches_the_release_path_and_sdpa(cli):
+def test_flex_forward_matches_the_release_path_and_sdpa():
     """On the GPU where there is one (inductor's CPU compile of flex fails on
     some GPU hosts), else on the CPU."""
     device = f"--device={'cuda' if GPUS else 'cpu'}"
     args = ["--attn-type=flex", "--steps=2", "--forward-only", "--corpus=multi_doc", device]
-    series = cli.step_losses(cli.FORK, *args)
-    assert_losses_close(series, cli.step_losses(cli.BASELINE, *args), FP32_RTOL)
+    series = runs.step_losses(BASE.fork, *args)
+    assert_losses_close(series, runs.step_losses(BASE.release_path, *args), FP32_RTOL)
     # one document per sequence: block_causal is plain causal
-    single = cli.step_losses(cli.FORK, "--attn-type=flex", "--steps=1", "--forward-only", device)
-    sdpa = cli.step_losses(cli.FORK, "--attn-type=sdpa", "--steps=1", "--forward-only", device)
+    single = runs.step_losses(BASE.fork, "--attn-type=flex", "--steps=1", "--forward-only", device)
+    sdpa = runs.step_losses(BASE.fork, "--attn-type=sdpa", "--steps=1", "--forward-only", device)
     assert_losses_close(single, sdpa, FP32_RTOL)
 
 
-def test_train_configs_load_and_name_existing_flavors(cli):
+def test_train_configs_load_and_name_existing_flavors():
     """Every config parses with the fork's JobConfig and selects its backend."""
     code = (
         "import sys; from torchtitan.config import ConfigManager; "
@@ -91,7 +93,7 @@ def test_train_configs_load_and_name_existing_flavors(cli):
     )
     for config in sorted((ROOT / "configs").glob("qwen3_*.toml")):
         out = subprocess.run(
-            [sys.executable, "-c", code, str(config)], env=cli.fork_env(cli.FORK),
+            [sys.executable, "-c", code, str(config)], env=runs.fork_env(BASE.fork),
             capture_output=True, text=True, check=True, cwd=ROOT,
         ).stdout
         assert out.strip() == config.stem.rsplit("_", 1)[1], config.name
@@ -223,39 +225,30 @@ def gpus_of(run):
 
 
 @pytest.fixture(scope="module")
-def trainer(cli, tmp_path_factory, request):
+def trainer(tmp_path_factory, request):
     """Runs the Trainer runs that the selected tests compare and this machine's
     GPUs can take, a few at a time on each set of GPUs; returns {run: losses
     or the error} and {run: its dump folder}."""
     dump_root = tmp_path_factory.mktemp("trainer")
     config = ROOT / "configs" / "qwen3_debugmodel_sdpa.toml"
-    forks = {"series": cli.FORK, "0.2.1": cli.BASELINE}
+    forks = {"series": BASE.fork, "0.2.1": BASE.release_path}
     selected = {
         value for item in request.session.items if hasattr(item, "callspec")
         for value in item.callspec.params.values() if isinstance(value, Run)
     }
-    todo = [run for run in RUNS if run in selected and gpus_of(run) <= GPUS]
+    todo = [run for run in RUNS if run in selected]
     dumps = {run: dump_root / f"run{i}" for i, run in enumerate(todo)}
-    slots = {n: queue.Queue() for n in (1, 2, 4)}
-    for n, slot in slots.items():
-        for first, _ in itertools.product(range(0, GPUS - n + 1, n), range(RUNS_PER_GPU_SET)):
-            slot.put(",".join(map(str, range(first, first + n))))
 
-    def train(run):
-        nproc = gpus_of(run)
-        gpus = slots[nproc].get()
+    def train(run, gpus):
         try:
-            return cli.trainer_losses(forks[run.path], config, dumps[run], run.overrides(), nproc=nproc, gpus=gpus)
-        except cli.ForkError as error:
+            return runs.trainer_losses(
+                forks[run.path], config, dumps[run], run.overrides(), nproc=gpus_of(run), gpus=gpus
+            )
+        except ForkError as error:
             return error
-        finally:
-            slots[nproc].put(gpus)
 
-    # the largest runs first, so that the small ones fill the gaps
-    todo.sort(key=lambda run: -gpus_of(run))
-    with ThreadPoolExecutor(max_workers=sum(q.qsize() for q in slots.values())) as pool:
-        losses = dict(zip(todo, pool.map(train, todo)))
-    write_report(losses, cli.loss_table)
+    losses = runs.on_gpu_sets(todo, train, gpus_of, GPUS, RUNS_PER_GPU_SET)
+    write_report(losses, runs.loss_table)
     return losses, dumps
 
 

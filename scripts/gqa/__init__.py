@@ -1,0 +1,14 @@
+"""The tooling behind scripts/gqa_fork.py, one module per job:
+
+- bases: the torchtitan releases the series are made for
+- release: the release sdist, downloaded, verified, unpacked
+- fork: materialize, export and check a fork (a git checkout: release + series)
+- install: torch, triton, the fork and the test tools
+- data: the bundled tokenizer and corpora
+- runs: training runs (the model driven directly, torchtitan's Trainer) on GPU sets
+- suites: the test suites that `test` runs
+"""
+
+
+class ForkError(Exception):
+    """A problem the user can fix; printed as one line, exit status 1."""

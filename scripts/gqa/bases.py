@@ -1,0 +1,65 @@
+"""The torchtitan releases the series are made for: one record per release.
+
+Only this module knows a version string; everything else takes a Base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD = ROOT / "build"
+
+
+@dataclass(frozen=True)
+class Base:
+    version: str
+    sdist_sha256: str
+    # the release's date: the base commit is the same on every machine
+    release_date: str
+    # the series: `series` plus its patch files
+    patches: Path
+    # where `materialize` puts the fork
+    fork: Path
+    # the oldest torch the fork runs on
+    min_torch: tuple[int, int]
+    # the release's own code path that the tests compare with, made from the
+    # release and the series up to `release_path_upto` (None: no such path)
+    release_path: Path | None = None
+    release_path_upto: str | None = None
+
+    @property
+    def tag(self) -> str:
+        return f"v{self.version}"
+
+    @property
+    def sdist_name(self) -> str:
+        return f"torchtitan-{self.version}.tar.gz"
+
+    @property
+    def sdist_cache(self) -> Path:
+        return BUILD / self.sdist_name
+
+    @property
+    def series(self) -> Path:
+        return self.patches / "series"
+
+
+BASES = {
+    base.version: base
+    for base in (
+        Base(
+            version="0.2.1",
+            sdist_sha256="0b288bd9eb3d775f20ba00d9d71449023c8b224e356fa46744b94aa863217ca8",
+            release_date="2025-12-26T00:00:00+00:00",
+            patches=ROOT / "patches",
+            fork=ROOT / "torchtitan",
+            min_torch=(2, 11),
+            # 0001 only makes varlen run on current torch
+            release_path=BUILD / "torchtitan-0.2.1-compat",
+            release_path_upto="0001",
+        ),
+    )
+}
+DEFAULT = "0.2.1"
