@@ -53,7 +53,7 @@ BASES = {
             version="0.2.1",
             sdist_sha256="0b288bd9eb3d775f20ba00d9d71449023c8b224e356fa46744b94aa863217ca8",
             release_date="2025-12-26T00:00:00+00:00",
-            patches=ROOT / "patches",
+            patches=ROOT / "patches" / "0.2.1",
             fork=ROOT / "torchtitan",
             min_torch=(2, 11),
             # 0001 only makes varlen run on current torch
