@@ -18,46 +18,65 @@ import argparse
 import sys
 from pathlib import Path
 
-from gqa import ForkError, data, fork, install, runs, suites
+from gqa import ForkError, data, fork, install, positive_int, runs, suites
 from gqa.bases import BASES, DEFAULT, ROOT
 
 DATA = ROOT / "data"
+
+
+TORCH_NOTE = (
+    "torch: a torch the release supports is kept; otherwise GQA_FORK_TORCH is installed, "
+    "split as a shell would (default 'torch==2.13.0'; on a CPU-only machine e.g. "
+    "'torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu')"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gqa_fork.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def sub_parser(name, **kwargs):
-        p = sub.add_parser(name, **kwargs)
-        p.add_argument("--base", choices=BASES, default=DEFAULT,
-                       help=f"the torchtitan release whose series to use (default {DEFAULT})")
+    def command(name, about, *, epilog=None, base=True):
+        p = sub.add_parser(name, help=about, description=about, epilog=epilog)
+        if base:
+            p.add_argument("--base", choices=BASES, default=DEFAULT,
+                           help=f"the torchtitan release whose series to use (default {DEFAULT})")
         return p
 
     def sdist_option(p):
         p.add_argument("--sdist", type=Path, help="use this local torchtitan-<release>.tar.gz instead of downloading it")
 
-    p = sub_parser("materialize", help="build the fork (./torchtitan for 0.2.1) from the release and the series")
+    def steps_option(p):
+        p.add_argument("--steps", type=positive_int, default=10, help="training steps per backend (default 10)")
+
+    p = command("materialize", "build the fork (./torchtitan for 0.2.1) from the release and the series")
     p.add_argument("--upto", help="stop after this patch (name or number, e.g. 0001)")
     p.add_argument("--dest", type=Path, help="where to put the fork (default ./torchtitan for 0.2.1)")
     p.add_argument("--discard", action="store_true", help="move an existing fork to a backup folder and rebuild")
     p.add_argument("--upstream", type=Path, metavar="CHECKOUT",
-                   help="base the series on this torchtitan git checkout's release tag, not on the sdist")
+                   help="base the series on this torchtitan git clone's release tag (or release branch), not on the sdist")
     sdist_option(p)
-    p = sub_parser("export", help="write the fork's commits back to the series")
+    p = command("export", "write the fork's commits back to the series")
     p.add_argument("--drop-missing", action="store_true",
                    help="let a fork with fewer commits than the series delete the patches it lacks")
-    p = sub_parser("check", help="apply the series to a pristine release in a temporary folder")
+    sdist_option(command("check", "apply the series to a pristine release in a temporary folder and check that it "
+                         "round-trips through export"))
+    command("install", "pip-install torch (if needed), triton, the fork (editable) and the test tools", epilog=TORCH_NOTE)
+    command("data", "regenerate the bundled tokenizer and corpora in data/", base=False)
+    train_about = (
+        "the main job: a short Qwen3 debugmodel training on every backend this machine supports, losses side "
+        "by side (GPU: torchtitan's Trainer on sdpa, flex and varlen; CPU: sdpa trained directly, flex forward "
+        "only, varlen skipped)"
+    )
+    steps_option(command("train", train_about))
+    p = command("setup", "materialize and install the fork, then run the main job (see 'train')", epilog=TORCH_NOTE)
+    steps_option(p)
     sdist_option(p)
-    sub_parser("install", help="pip-install torch (if needed), triton and the fork (editable)")
-    p = sub.add_parser("data", help="regenerate the bundled tokenizer and corpora in data/")
-    p = sub_parser("train", help="the main job: a short Qwen3 training on each backend")
-    p.add_argument("--steps", type=int, default=10)
-    p = sub_parser("setup", help="materialize, install, then run the main job")
-    p.add_argument("--steps", type=int, default=10)
-    sdist_option(p)
-    about = "materialize the fork and the 0.2.1 path, install, run pytest; other arguments go to pytest (test -k varlen)"
-    p = sub_parser("test", help=about, description=about)
+    p = command(
+        "test",
+        "materialize the fork and the release path, install, then run the fork's own tests and this "
+        "repository's; other arguments go to pytest (test -k varlen)",
+        epilog=TORCH_NOTE,
+    )
     sdist_option(p)
     args, pytest_args = parser.parse_known_args(argv)
     if args.command != "test" and pytest_args:

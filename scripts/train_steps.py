@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 import torch
+from gqa import positive_int
 from tokenizers import Tokenizer
-
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -45,14 +45,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attn-type", choices=["sdpa", "flex", "varlen"], default="sdpa")
     parser.add_argument("--corpus", choices=["single_doc", "multi_doc"], default="single_doc")
-    parser.add_argument("--n-heads", type=int, default=16)
-    parser.add_argument("--n-kv-heads", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--n-heads", type=positive_int, default=16)
+    parser.add_argument("--n-kv-heads", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=2)
     parser.add_argument("--forward-only", action="store_true", help="no optimizer steps (flex on CPU)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
+    if args.n_heads % args.n_kv_heads:
+        parser.error(f"--n-heads {args.n_heads} must be a multiple of --n-kv-heads {args.n_kv_heads}")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    if args.attn_type == "varlen" and args.device == "cpu":
+        parser.error("--attn-type varlen needs a CUDA device (varlen_attn is a CUDA kernel); pass --device cuda on a GPU machine")
 
     torch.manual_seed(0)
     model_args = Qwen3ModelArgs(

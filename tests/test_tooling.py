@@ -76,7 +76,7 @@ def test_export_writes_new_commits_and_series(base):
 def test_export_of_a_partial_fork_needs_drop_missing(base):
     fork.materialize(base, base.fork, "0001", None, False)
     series = fork.read_series(base)
-    with pytest.raises(ForkError, match=rf"holds 1 commits and .*series {len(series)} patches.*--drop-missing"):
+    with pytest.raises(ForkError, match=rf"holds 1 commit and .*series {len(series)} patches.*--drop-missing"):
         fork.export(base)
     assert fork.read_series(base) == series and all((base.patches / n).exists() for n in series)
     fork.export(base, drop_missing=True)
@@ -174,7 +174,7 @@ def test_refuses_to_overwrite_uncommitted_work(base):
     fork.materialize(base, base.fork, "0001", None, False)
     edited = base.fork / "torchtitan" / "models" / "attention.py"
     edited.write_text(edited.read_text() + "# my work\n")
-    with pytest.raises(ForkError, match="uncommitted changes; commit them and run 'export'.*--discard"):
+    with pytest.raises(ForkError, match="uncommitted changes; commit them and run 'export', or run 'materialize --discard'"):
         fork.materialize(base, base.fork, None, None, False)
     with pytest.raises(ForkError, match="uncommitted changes"):
         fork.export(base)
@@ -186,7 +186,7 @@ def test_refuses_commits_not_in_the_series(base):
     (base.fork / "mine.txt").write_text("x\n")
     git(base.fork, "add", "mine.txt")
     git(base.fork, "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "commit", "-qm", "mine")
-    with pytest.raises(ForkError, match="commits that are not in .*series; run 'export'"):
+    with pytest.raises(ForkError, match="commits that are not in .*series; run 'export' to keep them, or run 'materialize --discard'"):
         fork.materialize(base, base.fork, None, None, False)
     assert commits(base.fork)[0] == "mine"
 
@@ -375,3 +375,144 @@ def test_upstream_that_differs_in_a_touched_file_is_refused(base, tmp_path):
     with pytest.raises(ForkError, match="differs from the PyPI release in torchtitan/models/attention.py"):
         fork.materialize(base, base.fork, None, None, False, upstream)
     assert not base.fork.exists()
+
+
+# ---- misuse: each of these once ended in a traceback, a wrong fork or false advice
+
+
+def cli_run(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gqa_fork.py"), *args], capture_output=True, text=True, **kwargs
+    )
+
+
+def test_a_failed_update_of_the_whole_fork_leaves_it_as_it_was(base):
+    fork.materialize(base, base.fork, None, None, False)
+    head = git(base.fork, "rev-parse", "HEAD")
+    last = fork.read_series(base)[-1].split("-", 1)[0]
+    corrupt(base, last)
+    with pytest.raises(ForkError, match="does not apply.*the fork was left as it was"):
+        fork.materialize(base, base.fork, None, None, False)
+    assert git(base.fork, "rev-parse", "HEAD") == head
+    assert git(base.fork, "status", "--porcelain") == ""
+
+
+def edit_code(base, number, line):
+    """A hand edit of a patch's code: a comment added to one of its added lines."""
+    (patch,) = base.patches.glob(f"{number}-*.patch")
+    lines = patch.read_text().split("\n")
+    lines[lines.index(line)] += "  # edited by hand"
+    patch.write_text("\n".join(lines))
+    return patch
+
+
+def test_a_hand_edit_to_a_patchs_code_sticks(base):
+    fork.materialize(base, base.fork, None, None, False)
+    # a later patch changes the same file: its index line changes too
+    patch = edit_code(base, "0005", "+def check_head_counts(n_heads: int, n_kv_heads: int) -> None:")
+    assert "series changed: 0005-" in fork.materialize(base, base.fork, None, None, False)
+    assert "# edited by hand" in git(base.fork, "show", "HEAD~3")
+    assert "up to date" in fork.materialize(base, base.fork, None, None, False)
+    fork.materialize_release_path(base, None)
+    fork.export(base)
+    assert "# edited by hand" in patch.read_text()
+    assert fork.check(base, None).startswith("ok:")
+    assert "up to date" in fork.materialize(base, base.fork, None, None, False)
+
+
+def test_a_destination_that_is_or_holds_the_repository_is_refused(base, tmp_path, monkeypatch):
+    # a stand-in repository: a tool that failed this test would move it away
+    repository = tmp_path / "repo"
+    (repository / "patches").mkdir(parents=True)
+    monkeypatch.setattr(fork, "ROOT", repository)
+    for dest, what in ((repository, "is this repository"), (tmp_path, "is this repository or holds it")):
+        with pytest.raises(ForkError, match=f"--dest {dest} {what}; pass a folder of the fork's own"):
+            fork.materialize(base, dest, None, None, True)
+    assert (repository / "patches").is_dir() and not list(tmp_path.glob("*.backup-*"))
+
+
+def test_a_destination_under_a_file_is_refused(base, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(ForkError, match=r"lies under .*notes.txt, which is a file"):
+        fork.materialize(base, tmp_path / "notes.txt" / "fork", None, None, False)
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("kind", ["missing", "plain folder"])
+def test_upstream_that_is_no_git_clone_is_refused(base, tmp_path, kind):
+    upstream = tmp_path / "upstream"
+    if kind == "plain folder":
+        upstream.mkdir()
+    what = "is not a folder" if kind == "missing" else "is not a git repository; clone upstream there"
+    with pytest.raises(ForkError, match=f"--upstream {upstream} {what}"):
+        fork.materialize(base, base.fork, None, None, False, upstream)
+    assert not base.fork.exists()
+
+
+def test_upstream_clone_on_a_branch_named_gqa_works(base, tmp_path):
+    upstream = upstream_checkout(base, tmp_path)
+    git(upstream, "checkout", "-q", "-b", "gqa")
+    fork.materialize(base, base.fork, None, None, False, upstream)
+    assert git(base.fork, "rev-parse", "--abbrev-ref", "HEAD").strip() == "gqa"
+    assert git(base.fork, "rev-parse", "v0.2.1") == git(upstream, "rev-parse", "v0.2.1")
+
+
+def test_export_refuses_to_empty_the_series(base):
+    fork.materialize(base, base.fork, None, None, False)
+    git(base.fork, "reset", "-q", "--hard", "v0.2.1")
+    series = fork.read_series(base)
+    with pytest.raises(ForkError, match="no commits since v0.2.1, so export would empty the series"):
+        fork.export(base, drop_missing=True)
+    assert fork.read_series(base) == series
+
+
+def test_an_empty_series_gives_a_release_path_error_that_says_what_to_do(base):
+    base.series.write_text("")
+    with pytest.raises(ForkError, match="has no patch 0001, which the tests' 0.2.1 path is made from; restore the series"):
+        fork.materialize_release_path(base, None)
+
+
+def test_counts_read_as_english(base, tmp_path):
+    assert fork.materialize(base, tmp_path / "one", "0001", None, False).endswith("0.2.1 + 1 patch")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--steps", "0"], "argument --steps: must be a whole number of 1 or more"),
+        (["setup", "--steps", "-2"], "argument --steps: must be a whole number of 1 or more"),
+    ],
+)
+def test_bad_arguments_end_in_one_line_that_says_what_to_do(args, message):
+    proc = cli_run(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--n-kv-heads", "0"], "argument --n-kv-heads: must be a whole number of 1 or more"),
+        (["--n-heads", "16", "--n-kv-heads", "3"], "--n-heads 16 must be a multiple of --n-kv-heads 3"),
+        (["--attn-type", "varlen"], "--attn-type varlen needs a CUDA device"),
+    ],
+)
+def test_train_steps_refuses_bad_arguments_in_one_line(args, message):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_steps.py"), *args],
+        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_every_command_says_what_it_does(cli):
+    commands = ["materialize", "export", "check", "install", "data", "train", "setup", "test"]
+    helps = {command: cli_run(command, "--help").stdout for command in commands}
+    for command, text in helps.items():
+        description = text.split("\n\n")[1]
+        assert not description.startswith(("options:", "positional")), f"{command} --help has no description"
+    assert "training steps per backend (default 10)" in helps["train"]
+    for command in ("install", "setup", "test"):
+        assert "GQA_FORK_TORCH" in helps[command], command
+    assert "CPU: sdpa trained directly, flex forward only, varlen skipped" in " ".join(helps["train"].split())

@@ -9,6 +9,15 @@
 - suites: the test suites that `test` runs
 """
 
+import argparse
+
 
 class ForkError(Exception):
     """A problem the user can fix; printed as one line, exit status 1."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, e.g. 10, not {text!r}")
+    return int(text)

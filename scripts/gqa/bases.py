@@ -22,6 +22,8 @@ class Base:
     patches: Path
     # where `materialize` puts the fork
     fork: Path
+    # upstream git refs that hold the release, tried in order by --upstream
+    upstream_refs: tuple[str, ...]
     # the oldest torch the fork runs on
     min_torch: tuple[int, int]
     # the release's own code path that the tests compare with, made from the
@@ -55,6 +57,7 @@ BASES = {
             release_date="2025-12-26T00:00:00+00:00",
             patches=ROOT / "patches" / "0.2.1",
             fork=ROOT / "torchtitan",
+            upstream_refs=("v0.2.1",),
             min_torch=(2, 11),
             # 0001 only makes varlen run on current torch
             release_path=BUILD / "torchtitan-0.2.1-compat",

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from gqa import ForkError
-from gqa.bases import Base
+from gqa.bases import Base, ROOT
 from gqa.release import GENERATED_METADATA, release_files, unpack, verified_sdist
 
 # git am records the patch's author; the committer is this tool.
@@ -32,9 +32,10 @@ FORMAT_PATCH_CONFIG = [
     "-c", "format.coverLetter=false",
 ]
 FORK_EXCLUDES = f"__pycache__/\n*.pyc\n/{GENERATED_METADATA}/\n/outputs/\n/build/\n"
-# In the fork's .git: the series' patches (name, sha256) as of the last
-# materialize or export.
+# In the fork's .git: the series' patches (name, sha256) and the fork's
+# commits (sha256 of their format-patch text) as of the last materialize or export.
 SYNC_RECORD = "gqa-fork-synced.json"
+UPSTREAM_URL = "https://github.com/pytorch/torchtitan"
 
 
 def git(cwd: Path, *args: str, env: dict | None = None, check: bool = True) -> str:
@@ -48,6 +49,11 @@ def git(cwd: Path, *args: str, env: dict | None = None, check: bool = True) -> s
     if check and proc.returncode != 0:
         raise ForkError(f"git {' '.join(args)} failed in {cwd}: {proc.stderr.strip()}")
     return proc.stdout
+
+
+def count(items: list, noun: str) -> str:
+    """'1 patch', '8 patches'."""
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 'es' if noun.endswith('ch') else 's'}"
 
 
 def read_series(base: Base) -> list[str]:
@@ -81,15 +87,15 @@ def touched_files(base: Base, names: list[str]) -> set[str]:
     }
 
 
-def check_upstream_matches_release(base: Base, upstream: Path, sdist: Path, names: list[str]) -> None:
-    """Upstream's release tag must hold what the release holds in every file the series touches."""
+def check_upstream_matches_release(base: Base, upstream: Path, commit: str, sdist: Path, names: list[str]) -> None:
+    """Upstream's release commit must hold what the release holds in every file the series touches."""
     for path, release in sorted(release_files(base, sdist, touched_files(base, names)).items()):
-        proc = subprocess.run(["git", "-C", upstream, "show", f"{base.tag}:{path}"], capture_output=True)
+        proc = subprocess.run(["git", "-C", upstream, "show", f"{commit}:{path}"], capture_output=True)
         tagged = proc.stdout if proc.returncode == 0 else None
         if tagged != release:
             raise ForkError(
                 f"{upstream} at {base.tag} differs from the PyPI release in {path}, which the series "
-                f"touches; check out upstream's own {base.tag} tag there, or omit --upstream"
+                f"touches; check out upstream's own {base.tag} there, or omit --upstream"
             )
 
 
@@ -102,16 +108,24 @@ def text_digest(text: str) -> str:
 
 
 def record_sync(base: Base, fork: Path) -> None:
-    """Remember the series as it is now: what the fork was last made from or
-    exported to, so that later changes are known to be the fork's or the series'."""
-    (fork / ".git" / SYNC_RECORD).write_text(json.dumps(patch_digests(base, read_series(base))) + "\n")
+    """Remember the series and the fork's commits as they are now, after a
+    materialize or export, so that later changes are known to be the fork's or
+    the series'."""
+    commits, _ = fork_state(base, fork)
+    record = {"series": patch_digests(base, read_series(base)), "commits": [text_digest(c) for c in commits]}
+    (fork / ".git" / SYNC_RECORD).write_text(json.dumps(record) + "\n")
 
 
-def last_sync(base: Base, fork: Path) -> list[list[str]]:
-    """The series as it was at the last materialize or export. A fork made
-    before the record existed counts as made from the series as it is now."""
-    record = fork / ".git" / SYNC_RECORD
-    return json.loads(record.read_text()) if record.exists() else patch_digests(base, read_series(base))
+def last_sync(base: Base, fork: Path) -> dict[str, list]:
+    """The series and the fork's commits at the last materialize or export. A
+    fork made before the record existed counts as made from the series as it
+    is now, one with the older record (the series alone) as made from the
+    series as it was then; either way its commits were the patches' texts."""
+    path = fork / ".git" / SYNC_RECORD
+    record = json.loads(path.read_text()) if path.exists() else patch_digests(base, read_series(base))
+    if isinstance(record, list):
+        return {"series": record, "commits": [digest for _, digest in record]}
+    return record
 
 
 def fork_state(base: Base, fork: Path) -> tuple[list[str], str]:
@@ -130,15 +144,22 @@ def fork_state(base: Base, fork: Path) -> tuple[list[str], str]:
     return texts, dirty
 
 
-def changes_since_sync(base: Base, fork: Path, commits: list[str]) -> tuple[bool, list[str]]:
-    """Whether the fork has commits that were not in the series at the last
-    sync, and the patches of the series that changed since then."""
-    synced = last_sync(base, fork)
-    fork_changed = [text_digest(c) for c in commits] != [digest for _, digest in synced[: len(commits)]]
+def changes_since_sync(base: Base, fork: Path, commits: list[str]) -> tuple[bool, list[str], int]:
+    """Since the last sync: whether the fork has commits that it did not have
+    then, the patches of the series that changed, and how many of the fork's
+    first commits still are the series' first patches."""
+    record = last_sync(base, fork)
+    digests = [text_digest(c) for c in commits]
+    fork_changed = digests != record["commits"][: len(digests)]
     current = patch_digests(base, read_series(base))
-    changed_patches = [name for name, digest in current if [name, digest] not in synced]
-    changed_patches += [name for name, _ in synced if name not in dict(current)]
-    return fork_changed, changed_patches
+    changed_patches = [name for name, digest in current if [name, digest] not in record["series"]]
+    changed_patches += [name for name, _ in record["series"] if name not in dict(current)]
+    in_sync = 0
+    for digest, then, patch, patch_then in zip(digests, record["commits"], current, record["series"]):
+        if digest != then or patch != patch_then:
+            break
+        in_sync += 1
+    return fork_changed, changed_patches, in_sync
 
 
 def format_patches(base: Base, fork: Path, out: Path) -> list[str]:
@@ -187,16 +208,39 @@ def commit_release(base: Base, staging: Path, sdist: Path) -> None:
     git(staging, "tag", base.tag)
 
 
-def check_out_upstream(base: Base, staging: Path, upstream: Path, sdist: Path, names: list[str]) -> None:
-    """Upstream's own release commit as the base, so that the branch shares its history."""
-    if git(upstream, "rev-parse", "--verify", "--quiet", f"{base.tag}^{{commit}}", check=False).strip() == "":
+def upstream_release_commit(base: Base, upstream: Path) -> str:
+    """The commit of upstream's release (its tag, or the release branch) in the
+    git checkout `upstream`."""
+    if not upstream.is_dir():
+        raise ForkError(f"--upstream {upstream} is not a folder; pass a git clone of {UPSTREAM_URL}")
+    toplevel = git(upstream, "rev-parse", "--show-toplevel", check=False).strip()
+    bare = git(upstream, "rev-parse", "--is-bare-repository", check=False).strip() == "true"
+    if not bare and (not toplevel or Path(toplevel).resolve() != upstream.resolve()):
         raise ForkError(
-            f"{upstream} has no tag {base.tag}; fetch upstream's tags there "
-            f"(git -C {upstream} fetch --tags) or omit --upstream"
+            f"--upstream {upstream} is not a git repository; clone upstream there "
+            f"(git clone {UPSTREAM_URL} {upstream}) or omit --upstream"
         )
-    check_upstream_matches_release(base, upstream, sdist, names)
+    for ref in base.upstream_refs:
+        commit = git(upstream, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False).strip()
+        if commit:
+            return commit
+    raise ForkError(
+        f"{upstream} has no {' or '.join(base.upstream_refs)}; fetch upstream's tags and branches there "
+        f"(git -C {upstream} fetch --tags origin) or omit --upstream"
+    )
+
+
+def check_out_upstream(base: Base, staging: Path, upstream: Path, sdist: Path, names: list[str]) -> None:
+    """Upstream's own release commit as the base, so that the branch shares its
+    history; tagged with the release's tag in the fork where upstream's ref was
+    a branch."""
+    commit = upstream_release_commit(base, upstream)
+    check_upstream_matches_release(base, upstream, commit, sdist, names)
     git(staging.parent, "clone", "--quiet", "--no-checkout", str(upstream.resolve()), str(staging))
-    git(staging, "checkout", "--quiet", "-b", "gqa", base.tag)
+    # -B: the clone has a branch of upstream's current branch, which may be named gqa
+    git(staging, "checkout", "--quiet", "-B", "gqa", commit)
+    if not git(staging, "tag", "--list", base.tag).strip():
+        git(staging, "tag", base.tag, commit)
 
 
 def build_fork(base: Base, dest: Path, names: list[str], sdist: Path | None, upstream: Path | None = None) -> Path:
@@ -225,9 +269,22 @@ def backup_name(dest: Path) -> Path:
     return next(c for c in candidates if not c.exists())
 
 
+def check_destination(dest: Path) -> None:
+    """A fork gets a folder of its own: not this repository, nor one that holds it."""
+    if dest == ROOT or dest in ROOT.parents:
+        raise ForkError(
+            f"--dest {dest} is this repository{'' if dest == ROOT else ' or holds it'}; "
+            f"pass a folder of the fork's own, e.g. {ROOT / 'torchtitan'}"
+        )
+    under_file = next((parent for parent in dest.parents if parent.exists() and not parent.is_dir()), None)
+    if under_file is not None:
+        raise ForkError(f"--dest {dest} lies under {under_file}, which is a file; pass a folder's path")
+
+
 def materialize(
     base: Base, dest: Path, upto: str | None, sdist: Path | None, discard: bool, upstream: Path | None = None
 ) -> str:
+    check_destination(dest)
     names = select_patches(base, upto)
     if sdist is not None:
         verified_sdist(base, sdist)
@@ -244,15 +301,15 @@ def materialize(
             print(f"kept the old {dest.name} as {backup}")
         built.rename(dest)
         origin = f"upstream {base.tag} from {upstream}" if upstream else base.version
-        return f"{dest}: {origin} + {len(names)} patches"
+        return f"{dest}: {origin} + {count(names, 'patch')}"
 
     commits, dirty = fork_state(base, dest)
     if dirty:
         raise ForkError(
-            f"{dest} has uncommitted changes; commit them and run 'export', "
-            f"or pass --discard to keep the fork as a backup folder and rebuild"
+            f"{dest} has uncommitted changes; commit them and run 'export', or run "
+            f"'materialize --discard' to keep the fork as a backup folder and rebuild"
         )
-    fork_changed, changed_patches = changes_since_sync(base, dest, commits)
+    fork_changed, changed_patches, in_sync = changes_since_sync(base, dest, commits)
     if fork_changed and changed_patches:
         raise ForkError(
             f"both {dest} (commits not in the series) and the series ({', '.join(changed_patches)}) changed "
@@ -261,26 +318,39 @@ def materialize(
         )
     if fork_changed:
         raise ForkError(
-            f"{dest} has commits that are not in {base.series}; run 'export' to keep them, "
-            f"or pass --discard to keep the fork as a backup folder and rebuild"
+            f"{dest} has commits that are not in {base.series}; run 'export' to keep them, or run "
+            f"'materialize --discard' to keep the fork as a backup folder and rebuild"
         )
-    wanted = [(base.patches / n).read_text() for n in names]
-    if commits == wanted:
-        return f"{dest}: up to date ({base.version} + {len(names)} patches)"
     # Every commit is one the series had, so moving the branch loses nothing.
-    common = next((i for i, (a, b) in enumerate(zip(commits, wanted)) if a != b), min(len(commits), len(wanted)))
+    common = min(in_sync, len(names))
+    if common == len(commits) == len(names):
+        return f"{dest}: up to date ({base.version} + {count(names, 'patch')})"
+    head = git(dest, "rev-parse", "HEAD").strip()
     git(dest, "reset", "--hard", "--quiet", f"HEAD~{len(commits) - common}")
-    apply_patches(base, dest, names[common:])
+    try:
+        apply_patches(base, dest, names[common:])
+    except ForkError:
+        git(dest, "reset", "--hard", "--quiet", head)
+        raise
     record_sync(base, dest)
-    updated = f" (series changed: {', '.join(changed_patches)})" if changed_patches else ""
-    return f"{dest}: {base.version} + {len(names)} patches{updated}"
+    updated = (
+        f" (series changed: {', '.join(changed_patches)}; 'export' writes them back in exported form)"
+        if changed_patches else ""
+    )
+    return f"{dest}: {base.version} + {count(names, 'patch')}{updated}"
 
 
 def materialize_release_path(base: Base, sdist: Path | None) -> str:
     """The release's own code path that the tests compare with: the release plus
     the series up to base.release_path_upto. It is derived from the series
     alone, so once those patches change the old build is replaced."""
-    names = select_patches(base, base.release_path_upto)
+    try:
+        names = select_patches(base, base.release_path_upto)
+    except ForkError:
+        raise ForkError(
+            f"{base.series} has no patch {base.release_path_upto}, which the tests' {base.version} path "
+            f"is made from; restore the series (git checkout -- {base.patches})"
+        ) from None
     path = base.release_path
     if path.exists():
         commits, dirty = fork_state(base, path)
@@ -289,7 +359,8 @@ def materialize_release_path(base: Base, sdist: Path | None) -> str:
                 f"{path} has uncommitted changes, but it is rebuilt from the series; "
                 f"make your changes in {base.fork} instead"
             )
-        if commits != [(base.patches / name).read_text() for name in names]:
+        _, _, in_sync = changes_since_sync(base, path, commits)
+        if not in_sync == len(commits) == len(names):
             shutil.rmtree(path)
     return materialize(base, path, base.release_path_upto, sdist, False)
 
@@ -299,15 +370,20 @@ def export(base: Base, drop_missing: bool = False) -> str:
     if dirty:
         raise ForkError(f"{base.fork} has uncommitted changes; commit them in the fork, then export")
     old = read_series(base)
-    _, changed_patches = changes_since_sync(base, base.fork, commits)
+    _, changed_patches, _ = changes_since_sync(base, base.fork, commits)
     if changed_patches and commits != [(base.patches / n).read_text() for n in old]:
         raise ForkError(
             f"the series changed since the fork was made ({', '.join(changed_patches)}) and export would "
             f"overwrite that; run 'materialize' to bring the changes into the fork first"
         )
+    if not commits:
+        raise ForkError(
+            f"{base.fork} has no commits since {base.tag}, so export would empty the series; "
+            f"commit your work in the fork first, or run 'materialize' to rebuild it from the series"
+        )
     if len(commits) < len(old) and not drop_missing:
         raise ForkError(
-            f"the fork holds {len(commits)} commits and {base.series} {len(old)} patches (was it made "
+            f"the fork holds {count(commits, 'commit')} and {base.series} {count(old, 'patch')} (was it made "
             f"with --upto?); run 'materialize' to bring it to the whole series, or pass --drop-missing "
             f"to delete the patches it lacks from {base.patches}"
         )
@@ -319,7 +395,7 @@ def export(base: Base, drop_missing: bool = False) -> str:
         (base.patches / name).unlink()
     base.series.write_text("".join(f"{n}\n" for n in names))
     record_sync(base, base.fork)
-    return f"exported {len(names)} patches to {base.patches}/"
+    return f"exported {count(names, 'patch')} to {base.patches}/"
 
 
 def check(base: Base, sdist: Path | None) -> str:
@@ -338,4 +414,4 @@ def check(base: Base, sdist: Path | None) -> str:
             f"patches apply but are not in exported form ({', '.join(drift or exported)}); "
             f"materialize the fork and run 'export'"
         )
-    return f"ok: {len(names)} patches apply cleanly to pristine torchtitan {base.version} and round-trip through export"
+    return f"ok: {count(names, 'patch')} apply cleanly to pristine torchtitan {base.version} and round-trip through export"
