@@ -409,9 +409,9 @@ def edit_code(base, number, line):
 def test_a_hand_edit_to_a_patchs_code_sticks(base):
     fork.materialize(base, base.fork, None, None, False)
     # a later patch changes the same file: its index line changes too
-    patch = edit_code(base, "0005", "+def check_head_counts(n_heads: int, n_kv_heads: int) -> None:")
-    assert "series changed: 0005-" in fork.materialize(base, base.fork, None, None, False)
-    assert "# edited by hand" in git(base.fork, "show", "HEAD~3")
+    patch = edit_code(base, "0003", "+def check_head_counts(n_heads: int, n_kv_heads: int) -> None:")
+    assert "series changed: 0003-" in fork.materialize(base, base.fork, None, None, False)
+    assert "# edited by hand" in git(base.fork, "show", "HEAD~5")
     assert "up to date" in fork.materialize(base, base.fork, None, None, False)
     fork.materialize_release_path(base, None)
     fork.export(base)
