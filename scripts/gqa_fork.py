@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = command("export", "write the fork's commits back to the series")
     p.add_argument("--drop-missing", action="store_true",
                    help="let a fork with fewer commits than the series delete the patches it lacks")
-    sdist_option(command("check", "apply the series to a pristine release in a temporary folder and check that it "
-                         "round-trips through export"))
+    sdist_option(command("check", "apply the series to a pristine release in a temporary folder, check that it "
+                         "round-trips through export, and run each commit's own tests at that commit"))
     command("install", "pip-install torch (if needed), triton, the fork (editable) and the test tools", epilog=TORCH_NOTE)
     command("data", "regenerate the bundled tokenizer and corpora in data/", base=False)
     train_about = (
@@ -96,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             case "export":
                 message = fork.export(base, args.drop_missing)
             case "check":
-                message = fork.check(base, args.sdist)
+                with fork.checked_series(base, args.sdist) as built:
+                    print(f"the series applies to pristine torchtitan {base.version} and round-trips through export")
+                    failed = suites.each_commit_passes_its_tests(base, built, [], skip_last=False)
+                if failed:
+                    raise ForkError(f"these commits fail their own tests: {'; '.join(failed)}; see the reports above")
+                message = "ok: the series applies, round-trips, and every commit passes its own tests"
             case "install":
                 message = install.install(base)
             case "data":

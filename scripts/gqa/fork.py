@@ -4,6 +4,7 @@ the series, check applies the series to a pristine release."""
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import hashlib
 import itertools
@@ -15,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 from gqa import ForkError
 from gqa.bases import Base, ROOT
@@ -398,7 +400,10 @@ def export(base: Base, drop_missing: bool = False) -> str:
     return f"exported {count(names, 'patch')} to {base.patches}/"
 
 
-def check(base: Base, sdist: Path | None) -> str:
+@contextlib.contextmanager
+def checked_series(base: Base, sdist: Path | None) -> Iterator[Path]:
+    """The series applied to a pristine release in a temporary folder, once it
+    is known to apply and to round-trip through export; yields that fork."""
     names = read_series(base)
     unlisted = sorted(p.name for p in base.patches.glob("*.patch") if p.name not in names)
     if unlisted:
@@ -409,9 +414,15 @@ def check(base: Base, sdist: Path | None) -> str:
         out.mkdir()
         exported = format_patches(base, fork, out)
         drift = [n for n in names if n not in exported or not filecmp.cmp(out / n, base.patches / n, shallow=False)]
-    if drift or exported != names:
-        raise ForkError(
-            f"patches apply but are not in exported form ({', '.join(drift or exported)}); "
-            f"materialize the fork and run 'export'"
-        )
-    return f"ok: {count(names, 'patch')} apply cleanly to pristine torchtitan {base.version} and round-trip through export"
+        if drift or exported != names:
+            raise ForkError(
+                f"patches apply but are not in exported form ({', '.join(drift or exported)}); "
+                f"materialize the fork and run 'export'"
+            )
+        yield fork
+
+
+def check(base: Base, sdist: Path | None) -> str:
+    with checked_series(base, sdist):
+        pass
+    return f"ok: {count(read_series(base), 'patch')} apply cleanly to pristine torchtitan {base.version} and round-trip through export"

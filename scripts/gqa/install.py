@@ -17,7 +17,7 @@ from gqa.bases import Base, ROOT
 
 # Pinned: a bare "torch" would pull the newest release's CUDA wheels.
 TORCH_SPEC = os.environ.get("GQA_FORK_TORCH", "torch==2.13.0")
-TEST_TOOLS = ("pytest", "matplotlib")
+TEST_TOOLS = ("pytest", "pytest-xdist", "matplotlib")
 
 
 def pip(*args: str) -> None:

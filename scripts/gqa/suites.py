@@ -1,24 +1,100 @@
 """The test suites that `test` runs: the fork's own tests from the fork's root,
-as upstream runs them, then this repository's."""
+as upstream runs them, each commit's own tests at that commit, and this
+repository's tests."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gqa import ForkError
-from gqa.bases import Base, ROOT
-from gqa.fork import materialize, materialize_release_path
-from gqa.install import install
+from gqa.bases import Base, BUILD, ROOT
+from gqa.fork import git, materialize, materialize_release_path
+from gqa.install import install, installed_version
+
+# pytest's exit status where no test matched its arguments
+NO_TESTS = 5
 
 
-def suites(base: Base) -> list[tuple[str, Path, str]]:
-    """(name, folder, how long it takes on a 2-core CPU machine) of each suite."""
-    return [
-        ("the fork's tests", base.fork, "about 3 minutes"),
-        ("the tooling and training tests", ROOT, "about 6 minutes"),
-    ]
+def parallel_options(pytest_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """pytest-xdist's options for this machine (unless the caller chose), and
+    the environment that keeps its workers from oversubscribing the cores:
+    one OpenMP thread share and one inductor compile thread each."""
+    if "-n" in pytest_args or any(a.startswith(("-n=", "--numprocesses")) for a in pytest_args):
+        return [], {}
+    if installed_version("pytest-xdist") is None:
+        return [], {}
+    cores = os.cpu_count() or 1
+    workers = max(1, min(cores, 16))
+    return ["-n", str(workers), "--dist", "loadgroup"], {
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // workers))),
+        "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "1"),
+    }
+
+
+def pytest(folder: Path, args: list[str], env: dict | None = None) -> int:
+    options, parallel_env = parallel_options(args)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-ra", *options, *args],
+        cwd=folder, env={**os.environ, **parallel_env, **(env or {})},
+    ).returncode
+
+
+def commit_tests(fork: Path, base: Base, commits: list[str]) -> dict[str, list[str]]:
+    """{commit: the test files it adds or changes}, of the given commits."""
+    return {
+        commit: [
+            path for path in git(fork, "diff-tree", "--no-commit-id", "--name-only", "-r", "--diff-filter=AM", commit).split()
+            if re.fullmatch(r"tests/.*test_[^/]*\.py", path)
+        ]
+        for commit in commits
+    }
+
+
+def run_at_commit(fork: Path, commit: str, tests: list[str], pytest_args: list[str]) -> tuple[int, str]:
+    """pytest over `tests` in a checkout of `commit`: its exit status and output."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", fork, "archive", commit], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, *tests],
+            cwd=tmp, env={**os.environ, "PYTHONPATH": tmp, "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True,
+        )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def each_commit_passes_its_tests(base: Base, fork: Path, pytest_args: list[str], skip_last: bool) -> list[str]:
+    """Runs the tests each commit of the fork adds or changes at that commit,
+    from a checkout of it, so that every commit stands on its own; several
+    commits at once, one per core. Returns the commits whose tests failed.
+    skip_last: the last commit's tests are the fork's own, run elsewhere."""
+    commits = git(fork, "rev-list", "--reverse", f"{base.tag}..HEAD").split()
+    if skip_last:
+        commits = commits[:-1]
+    todo = {commit: tests for commit, tests in commit_tests(fork, base, commits).items() if tests}
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        results = dict(zip(todo, pool.map(lambda c: run_at_commit(fork, c, todo[c], pytest_args), todo)))
+    failed = []
+    for commit, (code, output) in results.items():
+        subject = git(fork, "log", "-1", "--format=%s", commit).strip()
+        summary = (output.strip().splitlines() or ["no output"])[-1]
+        print(f"--- {subject} ({', '.join(Path(t).name for t in todo[commit])}): {summary}", flush=True)
+        if code not in (0, NO_TESTS):
+            print(output, flush=True)
+            failed.append(subject)
+    return failed
+
+
+def fork_report(base: Base, head: str) -> Path:
+    """The junit report of the fork's tests at commit `head`, kept for the
+    mutation tests, which need those tests' outcomes on the fork as it is."""
+    return BUILD / "reports" / f"fork-tests-{base.version}-{head}.xml"
 
 
 def progress(step: int, steps: int, message: str) -> None:
@@ -26,26 +102,30 @@ def progress(step: int, steps: int, message: str) -> None:
 
 
 def run_tests(base: Base, sdist: Path | None, pytest_args: list[str]) -> str:
-    runs = suites(base)
-    steps = 3 + len(runs)
     print(
-        f"test: materializes the {base.version} fork and its release path, installs, then runs "
-        + ", then ".join(f"{name} ({duration} on 2 CPU cores)" for name, _, duration in runs)
-        + "; GPU tests run where CUDA is, the rest skip with their reason",
+        f"test: materializes the {base.version} fork and its release path and installs them, then "
+        f"runs the fork's tests (about 3 minutes on 2 CPU cores), each commit's own tests at that "
+        f"commit (about 1.5 minutes) and this repository's tests (about 6 minutes); GPU tests run "
+        f"where CUDA is, the rest skip with their reason",
         flush=True,
     )
+    steps = 6
     progress(1, steps, f"materialize {base.fork}")
     print(materialize(base, base.fork, None, sdist, False))
     progress(2, steps, f"materialize the release path {base.release_path}")
     print(materialize_release_path(base, sdist))
     progress(3, steps, "install")
     print(install(base))
-    exits = {}
-    for step, (name, folder, duration) in enumerate(runs, start=4):
-        progress(step, steps, f"{name}, from {folder} ({duration} on 2 CPU cores)")
-        exits[name] = subprocess.run([sys.executable, "-m", "pytest", "-ra", *pytest_args], cwd=folder).returncode
-    # 5: no test matched the pytest arguments in that folder
-    failed = [f"{name} (pytest exit {code})" for name, code in exits.items() if code not in (0, 5)]
-    if failed or set(exits.values()) == {5}:
+    progress(4, steps, f"the fork's tests, from {base.fork}")
+    report = fork_report(base, git(base.fork, "rev-parse", "HEAD").strip())
+    report.parent.mkdir(parents=True, exist_ok=True)
+    exits = {"the fork's tests": pytest(base.fork, [f"--junitxml={report}", *pytest_args])}
+    progress(5, steps, "each commit's own tests, at that commit")
+    failed_commits = each_commit_passes_its_tests(base, base.fork, pytest_args, skip_last=True)
+    progress(6, steps, f"the tooling and training tests, from {ROOT}")
+    exits["the tooling and training tests"] = pytest(ROOT, pytest_args)
+    failed = [f"{name} (pytest exit {code})" for name, code in exits.items() if code not in (0, NO_TESTS)]
+    failed += [f"the tests of {subject!r} at that commit" for subject in failed_commits]
+    if failed or set(exits.values()) == {NO_TESTS}:
         raise ForkError(f"tests failed: {', '.join(failed) or 'no test matched'}; see the reports above")
     return "tests passed"
