@@ -1,97 +1,288 @@
-"""Bugs the series must never ship, each applied to a scratch copy of the fork:
-the test meant to catch it must fail. Several of them once left every test
-green; a mutation whose code the series no longer has fails here, so this list
+"""Bugs the series must never ship, each applied to a scratch copy of the fork.
+The fork test meant to catch one must pass on the fork as it is and fail on
+the mutated copy, in that test and for its reason (a failure whose report
+holds the mutation's reason, not an error in set-up, import or collection).
+A mutation whose code the series no longer has fails here, so this list
 follows the series.
 """
 
 import os
+import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ElementTree
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from gqa.bases import BASES, DEFAULT
+from gqa.suites import fork_report
+
+BASE = BASES[DEFAULT]
 
 MODELS = "torchtitan/models"
-# name: (file, code, mutated code, the fork's test that must fail)
+ATTENTION = f"{MODELS}/attention.py"
+TENSOR_PARALLEL = "torchtitan/distributed/tensor_parallel.py"
+TESTS = "tests/unit_tests"
+# the reasons fork tests give when they catch a bug
+LAYOUT = "is above .* twice that of the same attention"
+REPEATED = r"K/V reach the kernel with \d+ heads, not n_kv_heads"
+NOT_CLOSE = "Tensor-likes are not close"
+NOT_REFUSED = "DID NOT RAISE"
+
+
+class Mutation(NamedTuple):
+    path: str
+    code: str
+    mutated: str
+    # the fork test that must catch it, as pytest selects it
+    test: str
+    # what its failure report must hold
+    reason: str
+    needs_cuda: bool = False
+
+
 MUTATIONS = {
-    "qwen3 sdpa arm without its output transpose": (
+    "qwen3 sdpa arm without its output transpose": Mutation(
         f"{MODELS}/qwen3/model/model.py",
         "                    scale=self.scaling,\n                ).transpose(1, 2)\n            case _:",
         "                    scale=self.scaling,\n                )\n            case _:",
-        "tests/unit_tests/test_attention_arms.py",
+        f"{TESTS}/test_attention_arms.py::test_attention_arm_matches_reference",
+        LAYOUT,
     ),
-    "llama3 sdpa arm without its output transpose": (
+    "llama3 sdpa arm without its output transpose": Mutation(
         f"{MODELS}/llama3/model/model.py",
         "                    xv.transpose(1, 2),\n                ).transpose(1, 2)\n            case _:",
         "                    xv.transpose(1, 2),\n                )\n            case _:",
-        "tests/unit_tests/test_attention_arms.py",
+        f"{TESTS}/test_attention_arms.py::test_attention_arm_matches_reference",
+        LAYOUT,
     ),
-    "llama3 varlen arm with heads and head_dim swapped (#2223)": (
+    "llama3 varlen arm with heads and head_dim swapped (#2223)": Mutation(
         f"{MODELS}/llama3/model/model.py",
         "output = self.inner_attention(xq, xk, xv, attention_masks)",
         "output = self.inner_attention(xq, xk, xv, attention_masks).transpose(2, 3)",
-        "tests/unit_tests/test_attention_arms.py",
+        f"{TESTS}/test_attention_arms.py::test_attention_arm_matches_reference",
+        LAYOUT,
     ),
-    "llama4 arms without their output transpose": (
+    "llama4 arms without their output transpose": Mutation(
         f"{MODELS}/llama4/model/model.py",
         "output = output.transpose(\n            1, 2\n        ).contiguous()",
         "output = output.contiguous()",
-        "tests/unit_tests/test_attention_arms.py",
+        f"{TESTS}/test_attention_arms.py::test_attention_arm_matches_reference",
+        LAYOUT,
     ),
-    "sdpa GQA without the FLASH_ATTENTION condition": (
-        f"{MODELS}/attention.py",
+    "flex given K/V repeated to n_heads": Mutation(
+        ATTENTION,
+        "            k,\n            v,\n            block_mask=block_mask,",
+        "            k.repeat_interleave(q.shape[1] // k.shape[1], dim=1),\n"
+        "            v.repeat_interleave(q.shape[1] // v.shape[1], dim=1),\n"
+        "            block_mask=block_mask,",
+        f"{TESTS}/test_unrepeated_kv.py",
+        REPEATED,
+    ),
+    "sdpa repeating K/V whatever the GQA decision says": Mutation(
+        ATTENTION,
+        "        if n_rep > 1 and not enable_gqa:\n",
+        "        if n_rep > 1:\n",
+        f"{TESTS}/test_unrepeated_kv.py",
+        REPEATED,
+    ),
+    "llama3 arms repeating K/V": Mutation(
+        f"{MODELS}/llama3/model/model.py",
+        "        # xk, xv: (bs, seqlen, n_local_kv_heads, head_dim)\n",
+        "        xk, xv = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2) for t in (xk, xv))\n",
+        f"{TESTS}/test_unrepeated_kv.py",
+        REPEATED,
+    ),
+    "llama4 arms repeating K/V": Mutation(
+        f"{MODELS}/llama4/model/model.py",
+        "        xv = xv.transpose(1, 2)  # (bs, n_local_kv_heads, seqlen, head_dim)\n",
+        "        xv = xv.transpose(1, 2)  # (bs, n_local_kv_heads, seqlen, head_dim)\n"
+        "        xk, xv = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (xk, xv))\n",
+        f"{TESTS}/test_unrepeated_kv.py",
+        REPEATED,
+    ),
+    "sdpa GQA without the FLASH_ATTENTION condition": Mutation(
+        ATTENTION,
         "SDPBackend.FLASH_ATTENTION in sdpa_backends\n        and ",
         "",
-        "tests/unit_tests/test_gqa_attention.py",
+        f"{TESTS}/test_gqa_attention.py::test_sdpa_gqa_decision_follows_flash_constraints",
+        "assert True is False",
     ),
-    "sdpa GQA decided from q's dtype under autocast": (
-        f"{MODELS}/attention.py",
+    "sdpa GQA decided from q's dtype under autocast": Mutation(
+        ATTENTION,
         "torch.get_autocast_dtype(device_type)\n            if torch.is_autocast_enabled(device_type)\n            else q.dtype",
         "q.dtype",
-        "tests/unit_tests/test_gqa_attention.py",
+        f"{TESTS}/test_gqa_attention.py::test_sdpa_never_runs_math",
+        "AssertionError",
+        needs_cuda=True,
     ),
-    "varlen given DTensors under tensor parallel": (
-        f"{MODELS}/attention.py",
-        "    @_on_local_heads(dim=2)\n",
+    "sdpa GQA on ROCm's flash kernels": Mutation(
+        ATTENTION,
+        " and torch.version.hip is None",
         "",
-        "tests/unit_tests/test_tensor_parallel_attention.py",
+        f"{TESTS}/test_gqa_attention.py::test_sdpa_repeats_kv_on_rocm",
+        "assert not True",
     ),
-    "replicated KV heads' gradients not summed over the ranks": (
-        "torchtitan/distributed/tensor_parallel.py",
-        "output = outputs.to_local(grad_placements=(Partial(),))",
-        "output = outputs.to_local()",
-        "tests/unit_tests/test_tensor_parallel_attention.py",
+    "varlen causal spelled for one torch only": Mutation(
+        ATTENTION,
+        '    if "window_size" in inspect.signature(kernel).parameters:\n',
+        "    if True:\n",
+        f"{TESTS}/test_varlen_attention.py::test_causal_is_spelled_as_the_installed_varlen_attn_takes_it",
+        "window_size",
     ),
-    "qwen3 without the head count check": (
+    "qwen3 flex masks made on the default device": Mutation(
+        f"{MODELS}/qwen3/model/model.py",
+        "            device=input_batch.device,\n",
+        "",
+        f"{TESTS}/test_attention_masks.py",
+        r"\[None\]",
+    ),
+    "qwen3 without the head count check": Mutation(
         f"{MODELS}/qwen3/model/model.py",
         "        check_head_counts(self.n_heads, self.n_kv_heads)\n",
         "",
-        "tests/unit_tests/test_head_counts.py",
+        f"{TESTS}/test_head_counts.py::test_heads_that_do_not_group_fail_when_the_model_is_built",
+        NOT_REFUSED,
+    ),
+    "varlen given DTensors under tensor parallel": Mutation(
+        ATTENTION,
+        "    @_on_local_heads(dim=2)\n",
+        "",
+        f"{TESTS}/test_tensor_parallel_attention.py::test_tensor_parallel_matches_one_process",
+        "got mixed torch.Tensor and DTensor",
+    ),
+    "local heads decided from q's placements alone": Mutation(
+        ATTENTION,
+        "if not (by_head(q) and by_head(k) and by_head(v)):",
+        "if not by_head(q):",
+        f"{TESTS}/test_tensor_parallel_attention.py::test_only_q_k_v_all_sharded_by_head_are_attended_locally",
+        "assert False",
+    ),
+    "qwen3 without the varlen precision check": Mutation(
+        f"{MODELS}/qwen3/infra/parallelize.py",
+        "    check_varlen_precision(\n        model.model_args.attn_type,\n        parallel_dims,\n"
+        "        job_config.training.mixed_precision_param,\n    )\n",
+        "",
+        f"{TESTS}/test_tensor_parallel_attention.py::test_parallelize_refuses_varlen_in_float32",
+        NOT_REFUSED,
+    ),
+    "mixed precision said to apply under PP without FSDP": Mutation(
+        "torchtitan/distributed/utils.py",
+        "    return parallel_dims.fsdp_enabled or not (\n"
+        "        parallel_dims.tp_enabled or parallel_dims.pp_enabled\n    )",
+        "    return parallel_dims.fsdp_enabled or not parallel_dims.tp_enabled",
+        f"{TESTS}/test_tensor_parallel_attention.py::test_parallelize_refuses_varlen_in_float32",
+        NOT_REFUSED,
+    ),
+    "replicated KV heads' gradients not summed over the ranks": Mutation(
+        TENSOR_PARALLEL,
+        "output = outputs.to_local(grad_placements=(Partial(),))",
+        "output = outputs.to_local()",
+        f"{TESTS}/test_tensor_parallel_attention.py::test_tensor_parallel_matches_one_process",
+        NOT_CLOSE,
+    ),
+    "a replicated KV head given to the wrong ranks": Mutation(
+        TENSOR_PARALLEL,
+        "kv_head = device_mesh.get_local_rank() // ranks_per_kv_head",
+        "kv_head = device_mesh.get_local_rank() % self.n_kv_heads",
+        f"{TESTS}/test_tensor_parallel_attention.py::test_replicated_kv_heads_match_one_process_and_checkpoint_across_tp",
+        NOT_CLOSE,
+    ),
+    "TP degrees not checked against the heads": Mutation(
+        TENSOR_PARALLEL,
+        "    if tp_degree not in degrees:\n",
+        "    if False:\n",
+        f"{TESTS}/test_head_counts.py::test_parallelize_refuses_tp_degrees_that_part_kv_heads_from_their_queries",
+        "ZeroDivisionError|" + NOT_REFUSED,
+    ),
+    "float8 tensorwise TP given replicated KV heads": Mutation(
+        TENSOR_PARALLEL,
+        "    if float8_tensorwise:\n",
+        "    if False:\n",
+        f"{TESTS}/test_head_counts.py::test_parallelize_refuses_float8_tensorwise_tp_with_replicated_kv_heads",
+        NOT_REFUSED,
     ),
 }
-# the autocast decision shows only in which CUDA kernel runs
-NEEDS_CUDA = {"sdpa GQA decided from q's dtype under autocast"}
+
+
+def scratch_fork(folder):
+    """The fork's committed tree, in `folder`."""
+    folder.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", BASE.fork, "archive", "HEAD"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return folder
+
+
+def run_fork_tests(fork, tests, report):
+    """pytest over `tests` in `fork`; the outcome of each test."""
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *tests],
+        cwd=fork, env={**os.environ, "PYTHONPATH": str(fork)}, capture_output=True, text=True,
+    )
+    return fork_outcomes(report)
+
+
+def selected(outcomes, test):
+    """The outcomes of the tests that `test` (a file, or file::function) selects."""
+    return {test_id: outcome for test_id, outcome in outcomes.items() if re.match(rf"{re.escape(test)}(\[|::|$)", test_id)}
+
+
+def fork_outcomes(report):
+    """{test id: failure report, "skipped" or None} from a junit report of the fork's tests."""
+    outcomes = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        test_id = f"{case.get('classname').replace('.', '/')}.py::{case.get('name')}"
+        problems = [f"{p.tag}: {p.get('message')}\n{p.text}" for p in case if p.tag in ("failure", "error")]
+        skipped = any(p.tag == "skipped" for p in case)
+        outcomes[test_id] = "skipped" if skipped and not problems else ("\n".join(problems) or None)
+    return outcomes
+
+
+@pytest.fixture(scope="session")
+def unmutated(tmp_path_factory):
+    """Every guarding test's outcomes on the fork as it is: from the report of
+    the fork's tests that `gqa_fork.py test` ran just before on this very
+    commit, where it has them all; else from a run of them here."""
+    tests = sorted({m.test for m in MUTATIONS.values()})
+    fork = BASE.fork
+    head = subprocess.run(["git", "-C", fork, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    clean = not subprocess.run(["git", "-C", fork, "status", "--porcelain"], capture_output=True, text=True).stdout
+    report = fork_report(BASE, head)
+    if clean and report.exists():
+        outcomes = fork_outcomes(report)
+        if all(selected(outcomes, test) for test in tests):
+            return outcomes
+    folder = tmp_path_factory.mktemp("unmutated")
+    return run_fork_tests(scratch_fork(folder / "torchtitan"), tests, folder / "report.xml")
 
 
 @pytest.mark.parametrize("name", MUTATIONS)
-def test_mutation_fails_its_test(tmp_path, name):
-    if name in NEEDS_CUDA and not torch.cuda.is_available():
-        pytest.skip("caught by a CUDA kernel test")
-    path, code, mutated, test = MUTATIONS[name]
-    scratch = tmp_path / "torchtitan"
-    scratch.mkdir()
-    archive = subprocess.run(["git", "-C", BASES[DEFAULT].fork, "archive", "HEAD"], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", scratch], input=archive, check=True)
-    source = scratch / path
-    text = source.read_text()
-    assert text.count(code) == 1, f"{name}: the code it mutates is not in {path} once; update MUTATIONS"
-    source.write_text(text.replace(code, mutated))
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
-        cwd=scratch, env={**os.environ, "PYTHONPATH": str(scratch)}, capture_output=True, text=True,
+def test_mutation_fails_its_test(tmp_path, unmutated, name):
+    mutation = MUTATIONS[name]
+    if mutation.needs_cuda and not torch.cuda.is_available():
+        pytest.skip("caught by a CUDA kernel test; this machine has no CUDA device")
+    before = selected(unmutated, mutation.test)
+    assert before, f"{name}: {mutation.test} selects no test of the fork"
+    assert all(outcome in (None, "skipped") for outcome in before.values()), (
+        f"{name}: {mutation.test} fails on the fork as it is:\n{before}"
     )
-    # 1: tests ran and failed (not an import or collection error, which is 2+)
-    assert proc.returncode == 1, f"{name}: {test} exited {proc.returncode}\n{proc.stdout[-3000:]}"
+    assert any(outcome is None for outcome in before.values()), f"{name}: every test of {mutation.test} skipped"
+
+    fork = scratch_fork(tmp_path / "torchtitan")
+    source = fork / mutation.path
+    text = source.read_text()
+    assert text.count(mutation.code) == 1, f"{name}: the code it mutates is not in {mutation.path} once; update MUTATIONS"
+    source.write_text(text.replace(mutation.code, mutation.mutated))
+
+    after = selected(run_fork_tests(fork, [mutation.test], tmp_path / "report.xml"), mutation.test)
+    assert after, f"{name}: {mutation.test} selects no test of the mutated fork (did collection fail?)"
+    failures = [outcome for outcome in after.values() if outcome not in (None, "skipped")]
+    assert failures, f"{name}: every test of {mutation.test} passed on the mutated fork"
+    assert not any(f.startswith("error") for f in failures), f"{name}: a set-up error, not a failure:\n{failures[0][:3000]}"
+    assert any(re.search(mutation.reason, f) for f in failures), (
+        f"{name}: {mutation.test} failed, but not for its reason ({mutation.reason}):\n{failures[0][:3000]}"
+    )
