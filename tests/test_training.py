@@ -84,19 +84,21 @@ def test_flex_forward_matches_the_release_path_and_sdpa():
 
 
 def test_train_configs_load_and_name_existing_flavors():
-    """Every config parses with the fork's JobConfig and selects its backend."""
+    """Every config parses with the fork's JobConfig and selects its backend
+    (all of them in one process: importing torchtitan is most of the work)."""
     code = (
         "import sys; from torchtitan.config import ConfigManager; "
-        "from torchtitan.models.qwen3 import qwen3_args; "
-        "c = ConfigManager().parse_args(['--job.config_file', sys.argv[1]]); "
-        "print(qwen3_args[c.model.flavor].attn_type)"
+        "from torchtitan.models.qwen3 import qwen3_args\n"
+        "for path in sys.argv[1:]:\n"
+        "    c = ConfigManager().parse_args(['--job.config_file', path])\n"
+        "    print(qwen3_args[c.model.flavor].attn_type)"
     )
-    for config in sorted((ROOT / "configs").glob("qwen3_*.toml")):
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(config)], env=runs.fork_env(BASE.fork),
-            capture_output=True, text=True, check=True, cwd=ROOT,
-        ).stdout
-        assert out.strip() == config.stem.rsplit("_", 1)[1], config.name
+    configs = sorted((ROOT / "configs").glob("qwen3_*.toml"))
+    out = subprocess.run(
+        [sys.executable, "-c", code, *map(str, configs)], env=runs.fork_env(BASE.fork),
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    assert out.split() == [config.stem.rsplit("_", 1)[1] for config in configs]
 
 
 # ------------------------------------------------------------------ GPU part
@@ -175,9 +177,12 @@ ONE_GPU = [
 # Llama3, on one document per sequence so that every backend computes the same
 # attention as the 0.2.1 path's sdpa, which each cell is compared with
 TWO_GPU_PARALLELISMS = ("fsdp", "tp", "tp_compile", "fsdp_sac", "cp")
+# (cells refused at set-up run for Qwen3 only: each model's parallelize function
+# refuses them in the fork's own tests)
 TWO_GPU = [
     Run("series", *MODELS[model], backend, parallelism)
     for model, backend, parallelism in itertools.product(MODELS, BACKEND_SUFFIX, TWO_GPU_PARALLELISMS)
+    if model == "qwen3" or (backend, parallelism) not in REFUSED
 ] + [Run("0.2.1", *MODELS[model], "sdpa", parallelism) for model, parallelism in itertools.product(MODELS, TWO_GPU_PARALLELISMS)]
 
 # ---- KV heads replicated past n_kv_heads, on every backend TP trains (varlen
@@ -202,8 +207,9 @@ FOUR_GPU = [
 ]
 
 RUNS = ONE_GPU + TWO_GPU + KV_RUNS + FOUR_GPU
-# GPU sets run this many Trainer runs at once: debugmodels leave them mostly idle
-RUNS_PER_GPU_SET = 3
+# GPU sets run this many Trainer runs at once: debugmodels leave them mostly
+# idle, and a run's time is mostly its start-up on the CPU
+RUNS_PER_GPU_SET = 6
 
 
 def reference(run):

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from gqa.install import install, installed_version
 
 # pytest's exit status where no test matched its arguments
 NO_TESTS = 5
+STARTED = time.monotonic()
 
 
 def parallel_options(pytest_args: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -98,7 +100,8 @@ def fork_report(base: Base, head: str) -> Path:
 
 
 def progress(step: int, steps: int, message: str) -> None:
-    print(f"==> [{step}/{steps}] {message}", flush=True)
+    """One line per part of a run, with the minutes since the tool started."""
+    print(f"==> [{step}/{steps}] {message} (at {(time.monotonic() - STARTED) / 60:.1f} min)", flush=True)
 
 
 def run_tests(base: Base, sdist: Path | None, pytest_args: list[str]) -> str:
