@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             case "check":
                 with fork.checked_series(base, args.sdist) as built:
                     print(f"the series applies to pristine torchtitan {base.version} and round-trips through export")
-                    failed = suites.each_commit_passes_its_tests(base, built, [], skip_last=False)
+                    failed, report = suites.each_commit_passes_its_tests(base, built, [], skip_last=False)
+                print(report)
                 if failed:
                     raise ForkError(f"these commits fail their own tests: {'; '.join(failed)}; see the reports above")
                 message = "ok: the series applies, round-trips, and every commit passes its own tests"

@@ -71,10 +71,13 @@ def run_at_commit(fork: Path, commit: str, tests: list[str], pytest_args: list[s
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def each_commit_passes_its_tests(base: Base, fork: Path, pytest_args: list[str], skip_last: bool) -> list[str]:
+def each_commit_passes_its_tests(
+    base: Base, fork: Path, pytest_args: list[str], skip_last: bool
+) -> tuple[list[str], str]:
     """Runs the tests each commit of the fork adds or changes at that commit,
     from a checkout of it, so that every commit stands on its own; several
-    commits at once, one per core. Returns the commits whose tests failed.
+    commits at once, one per core. Returns the commits whose tests failed and
+    a report: a line per commit, and the output of those that failed.
     skip_last: the last commit's tests are the fork's own, run elsewhere."""
     commits = git(fork, "rev-list", "--reverse", f"{base.tag}..HEAD").split()
     if skip_last:
@@ -82,15 +85,15 @@ def each_commit_passes_its_tests(base: Base, fork: Path, pytest_args: list[str],
     todo = {commit: tests for commit, tests in commit_tests(fork, base, commits).items() if tests}
     with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
         results = dict(zip(todo, pool.map(lambda c: run_at_commit(fork, c, todo[c], pytest_args), todo)))
-    failed = []
+    failed, report = [], []
     for commit, (code, output) in results.items():
         subject = git(fork, "log", "-1", "--format=%s", commit).strip()
         summary = (output.strip().splitlines() or ["no output"])[-1]
-        print(f"--- {subject} ({', '.join(Path(t).name for t in todo[commit])}): {summary}", flush=True)
+        report.append(f"--- {subject} ({', '.join(Path(t).name for t in todo[commit])}): {summary}")
         if code not in (0, NO_TESTS):
-            print(output, flush=True)
+            report.append(output)
             failed.append(subject)
-    return failed
+    return failed, "\n".join(report)
 
 
 def fork_report(base: Base, head: str) -> Path:
@@ -107,8 +110,8 @@ def progress(step: int, steps: int, message: str) -> None:
 def run_tests(base: Base, sdist: Path | None, pytest_args: list[str]) -> str:
     print(
         f"test: materializes the {base.version} fork and its release path and installs them, then "
-        f"runs the fork's tests (about 3 minutes on 2 CPU cores), each commit's own tests at that "
-        f"commit (about 1.5 minutes) and this repository's tests (about 6 minutes); GPU tests run "
+        f"runs the fork's tests (about 2 minutes on 2 CPU cores), then this repository's tests "
+        f"(about 6 minutes) while each commit's own tests run at that commit; GPU tests run "
         f"where CUDA is, the rest skip with their reason",
         flush=True,
     )
@@ -120,13 +123,17 @@ def run_tests(base: Base, sdist: Path | None, pytest_args: list[str]) -> str:
     progress(3, steps, "install")
     print(install(base))
     progress(4, steps, f"the fork's tests, from {base.fork}")
-    report = fork_report(base, git(base.fork, "rev-parse", "HEAD").strip())
-    report.parent.mkdir(parents=True, exist_ok=True)
-    exits = {"the fork's tests": pytest(base.fork, [f"--junitxml={report}", *pytest_args])}
-    progress(5, steps, "each commit's own tests, at that commit")
-    failed_commits = each_commit_passes_its_tests(base, base.fork, pytest_args, skip_last=True)
-    progress(6, steps, f"the tooling and training tests, from {ROOT}")
-    exits["the tooling and training tests"] = pytest(ROOT, pytest_args)
+    junit = fork_report(base, git(base.fork, "rev-parse", "HEAD").strip())
+    junit.parent.mkdir(parents=True, exist_ok=True)
+    exits = {"the fork's tests": pytest(base.fork, [f"--junitxml={junit}", *pytest_args])}
+    # each commit's own tests and this repository's need nothing of each other
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        progress(5, steps, "each commit's own tests, at that commit, in the background")
+        commit_run = pool.submit(each_commit_passes_its_tests, base, base.fork, pytest_args, True)
+        progress(6, steps, f"the tooling and training tests, from {ROOT}")
+        exits["the tooling and training tests"] = pytest(ROOT, pytest_args)
+        failed_commits, report = commit_run.result()
+    print(f"each commit's own tests, at that commit:\n{report}", flush=True)
     failed = [f"{name} (pytest exit {code})" for name, code in exits.items() if code not in (0, NO_TESTS)]
     failed += [f"the tests of {subject!r} at that commit" for subject in failed_commits]
     if failed or set(exits.values()) == {NO_TESTS}:
