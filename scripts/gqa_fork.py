@@ -35,11 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gqa_fork.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, about, *, epilog=None, base=True):
+    def command(name, about, *, epilog=None, bases=tuple(BASES), default=DEFAULT):
         p = sub.add_parser(name, help=about, description=about, epilog=epilog)
-        if base:
-            p.add_argument("--base", choices=BASES, default=DEFAULT,
-                           help=f"the torchtitan release whose series to use (default {DEFAULT})")
+        if bases:
+            p.add_argument("--base", choices=bases, default=default,
+                           help=f"the torchtitan release whose series to use (default {default or 'all'})")
         return p
 
     def sdist_option(p):
@@ -48,9 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     def steps_option(p):
         p.add_argument("--steps", type=positive_int, default=10, help="training steps per backend (default 10)")
 
-    p = command("materialize", "build the fork (./torchtitan for 0.2.1) from the release and the series")
+    p = command("materialize", "build the fork (./torchtitan for 0.2.1, ./torchtitan-<release> for the "
+                "others) from the release and the series")
     p.add_argument("--upto", help="stop after this patch (name or number, e.g. 0001)")
-    p.add_argument("--dest", type=Path, help="where to put the fork (default ./torchtitan for 0.2.1)")
+    p.add_argument("--dest", type=Path, help="where to put the fork (default: the base's, e.g. ./torchtitan)")
     p.add_argument("--discard", action="store_true", help="move an existing fork to a backup folder and rebuild")
     p.add_argument("--upstream", type=Path, metavar="CHECKOUT",
                    help="base the series on this torchtitan git clone's release tag (or release branch), not on the sdist")
@@ -60,34 +61,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="let a fork with fewer commits than the series delete the patches it lacks")
     sdist_option(command("check", "apply the series to a pristine release in a temporary folder, check that it "
                          "round-trips through export, and run each commit's own tests at that commit"))
-    command("install", "pip-install torch (if needed), triton, the fork (editable) and the test tools", epilog=TORCH_NOTE)
-    command("data", "regenerate the bundled tokenizer and corpora in data/", base=False)
-    train_about = (
-        "the main job: a short Qwen3 debugmodel training on every backend this machine supports, losses side "
-        "by side (GPU: torchtitan's Trainer on sdpa, flex and varlen; CPU: sdpa trained directly, flex forward "
-        "only, varlen skipped)"
-    )
-    steps_option(command("train", train_about))
-    p = command("setup", "materialize and install the fork, then run the main job (see 'train')", epilog=TORCH_NOTE)
+    command("install", "pip-install torch (if needed), triton, the fork (editable for 0.2.1; the "
+            "release's dependencies for the others) and the test tools", epilog=TORCH_NOTE)
+    command("data", "regenerate the bundled tokenizer and corpora in data/", bases=())
+    # the main job trains the configs of the fork installed into Python
+    trainable = tuple(version for version, base in BASES.items() if base.installed)
+    steps_option(command(
+        "train",
+        "the main job: a short Qwen3 debugmodel training on every backend this machine supports, losses "
+        "side by side (GPU: torchtitan's Trainer on sdpa, flex and varlen; CPU: sdpa trained directly, "
+        "flex forward only, varlen skipped)",
+        bases=trainable,
+    ))
+    p = command("setup", "materialize and install the fork, then run the main job (see 'train')",
+                epilog=TORCH_NOTE, bases=trainable)
     steps_option(p)
     sdist_option(p)
     p = command(
         "test",
-        "materialize the fork and the release path, install, then run the fork's own tests and this "
-        "repository's; other arguments go to pytest (test -k varlen)",
+        "materialize and install the forks (and 0.2.1's release path), then run each fork's own tests, "
+        "each commit's own tests at that commit and this repository's; other arguments go to pytest "
+        "(test -k varlen)",
         epilog=TORCH_NOTE,
+        default=None,
     )
     sdist_option(p)
+    p.add_argument("--upstream", type=Path, metavar="CHECKOUT",
+                   help="also run upstream's tests of the models, from this torchtitan git clone's release "
+                   "commit, on the pristine release and on the fork (with --base)")
     args, pytest_args = parser.parse_known_args(argv)
     if args.command != "test" and pytest_args:
         parser.error(f"unrecognized arguments: {' '.join(pytest_args)}")
+    if args.command == "test" and args.base is None and (args.sdist or args.upstream):
+        parser.error("--sdist and --upstream name one release's: pass --base too")
     args.pytest_args = pytest_args[1:] if pytest_args[:1] == ["--"] else pytest_args
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    base = BASES[getattr(args, "base", DEFAULT)]
+    base = BASES[getattr(args, "base", None) or DEFAULT]
     try:
         match args.command:
             case "materialize":
@@ -114,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(install.install(base))
                 message = runs.main_job(base, args.steps)
             case "test":
-                message = suites.run_tests(base, args.sdist, args.pytest_args)
+                bases = [base] if args.base else list(BASES.values())
+                message = suites.run_tests(bases, args.sdist, args.pytest_args, args.upstream)
     except ForkError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

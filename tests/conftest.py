@@ -12,19 +12,26 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from gqa import bases  # noqa: E402
 
 
+def base_in(tmp_path, version):
+    """The base of `version` with a copy of its series, and its fork and
+    release path under tmp_path (the verified sdist is shared)."""
+    real = bases.BASES[version]
+    patches = tmp_path / "patches"
+    shutil.copytree(real.patches, patches)
+    release_path = real.release_path and tmp_path / "build" / real.release_path.name
+    return replace(real, patches=patches, fork=tmp_path / real.fork.name, release_path=release_path)
+
+
 @pytest.fixture
 def base(tmp_path):
-    """The default base with a copy of its series, and its fork and release
-    path under tmp_path (the verified sdist is shared)."""
-    default = bases.BASES[bases.DEFAULT]
-    patches = tmp_path / "patches"
-    shutil.copytree(default.patches, patches)
-    return replace(
-        default,
-        patches=patches,
-        fork=tmp_path / "torchtitan",
-        release_path=tmp_path / "build" / default.release_path.name,
-    )
+    """The default base, under tmp_path."""
+    return base_in(tmp_path, bases.DEFAULT)
+
+
+@pytest.fixture
+def other_base(tmp_path):
+    """The first base that is not the default (0.3.0), under tmp_path."""
+    return base_in(tmp_path, next(v for v in bases.BASES if v != bases.DEFAULT))
 
 
 @pytest.fixture(scope="session")

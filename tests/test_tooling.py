@@ -516,3 +516,47 @@ def test_every_command_says_what_it_does(cli):
     for command in ("install", "setup", "test"):
         assert "GQA_FORK_TORCH" in helps[command], command
     assert "CPU: sdpa trained directly, flex forward only, varlen skipped" in " ".join(helps["train"].split())
+
+
+# ---- a second base: the same commands, its own series, fork and upstream refs
+
+
+def test_a_second_base_materializes_exports_and_checks_on_its_own(other_base):
+    default = BASES[DEFAULT]
+    assert (other_base.fork.name, other_base.patches.name) != (default.fork.name, default.patches.name)
+    fork.materialize(other_base, other_base.fork, None, None, False)
+    series = fork.read_series(other_base)
+    assert len(commits(other_base.fork)) == len(series) + 1
+    assert commits(other_base.fork)[-1] == f"torchtitan {other_base.version} release from PyPI"
+    before = {p.name: p.read_bytes() for p in other_base.patches.iterdir()}
+    fork.export(other_base)
+    assert {p.name: p.read_bytes() for p in other_base.patches.iterdir()} == before
+    assert fork.check(other_base, None).startswith(f"ok: {len(series)} patch")
+
+
+def test_an_upstream_release_branch_stands_in_for_a_missing_tag(other_base, tmp_path):
+    upstream = tmp_path / "upstream"
+    upstream.mkdir()
+    identity = ["-c", "user.name=Upstream", "-c", "user.email=upstream@example.com"]
+    git(upstream, "init", "-q", "-b", "main")
+    release.unpack(other_base, release.verified_sdist(other_base, None), upstream)
+    git(upstream, "add", "-A")
+    git(upstream, *identity, "commit", "-qm", "Release branch head")
+    branch = next(ref for ref in other_base.upstream_refs if not ref.startswith(("v", "origin/")))
+    git(upstream, "branch", branch)
+    fork.materialize(other_base, other_base.fork, None, None, False, upstream)
+    assert git(other_base.fork, "rev-parse", f"{other_base.tag}^{{commit}}") == git(upstream, "rev-parse", branch)
+    assert commits(other_base.fork)[-1] == "Release branch head"
+
+
+def test_train_and_setup_take_only_a_base_installed_into_python(other_base):
+    for command in ("train", "setup"):
+        proc = cli_run(command, "--base", other_base.version)
+        assert proc.returncode == 2
+        assert f"invalid choice: '{other_base.version}'" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_test_takes_sdist_and_upstream_only_with_a_base():
+    proc = cli_run("test", "--upstream", "/nowhere")
+    assert proc.returncode == 2
+    assert "pass --base too" in proc.stderr.strip().splitlines()[-1]

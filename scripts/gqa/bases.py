@@ -24,8 +24,12 @@ class Base:
     fork: Path
     # upstream git refs that hold the release, tried in order by --upstream
     upstream_refs: tuple[str, ...]
-    # the oldest torch the fork runs on
+    # the oldest torch and Python the fork runs on
     min_torch: tuple[int, int]
+    min_python: tuple[int, int]
+    # whether the fork is installed into the Python (editable), so that the
+    # train configs run from it; otherwise its tests import it from PYTHONPATH
+    installed: bool
     # the release's own code path that the tests compare with, made from the
     # release and the series up to `release_path_upto` (None: no such path)
     release_path: Path | None = None
@@ -59,9 +63,24 @@ BASES = {
             fork=ROOT / "torchtitan",
             upstream_refs=("v0.2.1",),
             min_torch=(2, 11),
+            min_python=(3, 10),
+            installed=True,
             # 0001 only makes varlen run on current torch
             release_path=BUILD / "torchtitan-0.2.1-compat",
             release_path_upto="0001",
+        ),
+        Base(
+            version="0.3.0",
+            sdist_sha256="6351b2dc6cdd8bdad15cd2ce5d9520e391a75b584770d2ebd925cc3321cd1b47",
+            release_date="2026-09-03T00:00:00+00:00",
+            patches=ROOT / "patches" / "0.3.0",
+            fork=ROOT / "torchtitan-0.3.0",
+            upstream_refs=("v0.3.0", "release/0.3", "origin/release/0.3"),
+            # torch 2.11 lacks torch.distributed.fsdp.DataParallelMeshDims
+            min_torch=(2, 13),
+            min_python=(3, 11),
+            # both forks are packages named torchtitan: one is installed
+            installed=False,
         ),
     )
 }

@@ -59,6 +59,8 @@ def count(items: list, noun: str) -> str:
 
 
 def read_series(base: Base) -> list[str]:
+    if not base.series.is_file():
+        raise ForkError(f"{base.series} does not exist; restore it (git checkout -- {base.patches})")
     names = [
         line.strip()
         for line in base.series.read_text().splitlines()

@@ -38,8 +38,23 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
 
 
+def release_dependencies(base: Base) -> list[str]:
+    """The fork's declared dependencies, torch left out: it is installed first."""
+    import tomllib
+
+    declared = tomllib.loads((base.fork / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [spec for spec in declared if re.split(r"[\s<>=!~;\[]", spec)[0].lower() != "torch"]
+
+
 def install(base: Base) -> str:
-    """Install torch (kept if suitable), triton, the fork (editable) and test tools."""
+    """Install torch (kept if suitable), triton, the fork (editable where the
+    base is installed, else its dependencies) and the test tools."""
+    if sys.version_info[:2] < base.min_python:
+        wanted_python = ".".join(map(str, base.min_python))
+        raise ForkError(
+            f"torchtitan {base.version} needs Python >= {wanted_python}, and this is "
+            f"{sys.version.split()[0]}; run the tool with a newer Python"
+        )
     if not base.fork.exists():
         raise ForkError(f"{base.fork} does not exist; run 'materialize' first")
     torch_version = installed_version("torch")
@@ -50,13 +65,17 @@ def install(base: Base) -> str:
         constraints = Path(tmp, "constraints.txt")
         constraints.write_text(f"torch=={torch_version}\n")
         wanted = [] if installed_version("triton") else ["triton"]
-        if not fork_imports_from_root(base):
+        if not base.installed:
+            wanted += release_dependencies(base)
+        elif not fork_imports_from_root(base):
             # compat: a path entry for the checkout, which outranks the checkout
             # folder ./torchtitan that Python finds first from the repository root
             wanted += ["--config-settings", "editable_mode=compat", "-e", str(base.fork)]
         wanted += [tool for tool in TEST_TOOLS if not installed_version(tool)]
         if wanted:
             pip("install", "--quiet", "-c", str(constraints), *wanted)
+    if not base.installed:
+        return f"installed: torch {torch_version} and torchtitan {base.version}'s dependencies (the fork itself runs from {base.fork})"
     if not fork_imports_from_root(base):
         raise ForkError(f"from {ROOT}, 'import torchtitan' does not load {base.fork}; see pip's output above")
     return f"installed: torch {torch_version}, torchtitan from {base.fork}"

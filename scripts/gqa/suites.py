@@ -10,13 +10,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ElementTree
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gqa import ForkError
 from gqa.bases import Base, BUILD, ROOT
-from gqa.fork import git, materialize, materialize_release_path
-from gqa.install import install, installed_version
+from gqa.fork import git, materialize, materialize_release_path, upstream_release_commit
+from gqa.install import install, installed_version, version_tuple
+from gqa.release import unpack, verified_sdist
 
 # pytest's exit status where no test matched its arguments
 NO_TESTS = 5
@@ -96,6 +98,63 @@ def each_commit_passes_its_tests(
     return failed, "\n".join(report)
 
 
+def junit_outcomes(report: Path) -> dict[str, str]:
+    """{test id: passed, failure, error or skipped} from a pytest junit report."""
+    outcomes = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        kinds = [p.tag for p in case if p.tag in ("failure", "error", "skipped")]
+        outcomes[f"{case.get('classname')}::{case.get('name')}"] = kinds[0] if kinds else "passed"
+    return outcomes
+
+
+def upstream_test_changes(base: Base) -> dict[str, str]:
+    """{upstream test id: why the series changes its outcome}, from the series'
+    upstream-test-changes file."""
+    path = base.patches / "upstream-test-changes"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return dict(
+        (part.strip() for part in line.split("|", 1)) for line in lines if line.strip() and not line.startswith("#")
+    )
+
+
+def compare_upstream_tests(base: Base, upstream: Path, sdist: Path | None) -> list[str]:
+    """Runs upstream's own tests of the models (tests/unit_tests at the release
+    commit of the clone `upstream`) on the pristine release and on the fork;
+    the differences that the series does not declare in upstream-test-changes,
+    and the declared ones that did not happen."""
+    commit = upstream_release_commit(base, upstream)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", upstream, "archive", commit, "tests/unit_tests"], capture_output=True)
+        if archive.returncode != 0:
+            raise ForkError(f"could not read tests/unit_tests at {commit[:12]} in {upstream}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        unpack(base, verified_sdist(base, sdist), Path(tmp, "pristine"))
+        tests = sorted(
+            str(path.relative_to(tmp)) for path in Path(tmp, "tests", "unit_tests").glob("test_*.py")
+            if "torchtitan.models" in path.read_text()
+        )
+        outcomes = {}
+        for side, code in (("pristine", Path(tmp, "pristine")), ("fork", base.fork)):
+            report = Path(tmp, f"{side}.xml")
+            print(f"--- upstream's tests of the models on the {side} release ({len(tests)} files)", flush=True)
+            pytest(Path(tmp), ["-q", "--tb=no", "-p", "no:cacheprovider", f"--junitxml={report}", *tests], {"PYTHONPATH": str(code)})
+            outcomes[side] = junit_outcomes(report)
+    declared = upstream_test_changes(base)
+    changed = {
+        test_id: (outcomes["pristine"].get(test_id), outcomes["fork"].get(test_id))
+        for test_id in outcomes["pristine"].keys() | outcomes["fork"].keys()
+        if outcomes["pristine"].get(test_id) != outcomes["fork"].get(test_id)
+    }
+    for test_id, (before, after) in sorted(changed.items()):
+        print(f"{test_id}: {before} on the release, {after} on the fork; {declared.get(test_id, 'NOT DECLARED')}")
+    problems = [f"{test_id} ({before} -> {after}) is not in upstream-test-changes" for test_id, (before, after) in changed.items() if test_id not in declared]
+    problems += [f"{test_id} is in upstream-test-changes but did not change" for test_id in declared if test_id not in changed]
+    passed = {side: sum(v == "passed" for v in outcomes[side].values()) for side in outcomes}
+    print(f"upstream's tests: {passed['pristine']} pass on the release, {passed['fork']} on the fork, "
+          f"{len(changed)} changed", flush=True)
+    return problems
+
+
 def fork_report(base: Base, head: str) -> Path:
     """The junit report of the fork's tests at commit `head`, kept for the
     mutation tests, which need those tests' outcomes on the fork as it is."""
@@ -107,35 +166,70 @@ def progress(step: int, steps: int, message: str) -> None:
     print(f"==> [{step}/{steps}] {message} (at {(time.monotonic() - STARTED) / 60:.1f} min)", flush=True)
 
 
-def run_tests(base: Base, sdist: Path | None, pytest_args: list[str]) -> str:
+def unmet_requirement(base: Base) -> str | None:
+    """Why this machine cannot test `base` beside the others, if it cannot."""
+    torch_version = installed_version("torch")
+    if sys.version_info[:2] < base.min_python:
+        return f"it needs Python >= {'.'.join(map(str, base.min_python))}"
+    if torch_version is not None and version_tuple(torch_version) < base.min_torch:
+        return f"it needs torch >= {'.'.join(map(str, base.min_torch))}, and this is {torch_version}"
+    return None
+
+
+def run_tests(bases: list[Base], sdist: Path | None, pytest_args: list[str], upstream: Path | None = None) -> str:
+    """Materializes and installs each base's fork, runs each fork's tests (and,
+    with an upstream clone, upstream's tests of the models on the release and
+    on the fork), then this repository's (where the default base is among
+    them) while each commit's own tests run at that commit. A base after the
+    first that this machine cannot run is skipped with its reason."""
     print(
-        f"test: materializes the {base.version} fork and its release path and installs them, then "
-        f"runs the fork's tests (about 2 minutes on 2 CPU cores), then this repository's tests "
-        f"(about 6 minutes) while each commit's own tests run at that commit; GPU tests run "
-        f"where CUDA is, the rest skip with their reason",
+        f"test: for {', '.join(b.version for b in bases)}: materializes and installs the fork, runs its "
+        f"tests (about 2 minutes each on 2 CPU cores), then this repository's tests (about 6 minutes) "
+        f"while each commit's own tests run at that commit; GPU tests run where CUDA is, the rest "
+        f"skip with their reason",
         flush=True,
     )
-    steps = 6
-    progress(1, steps, f"materialize {base.fork}")
-    print(materialize(base, base.fork, None, sdist, False))
-    progress(2, steps, f"materialize the release path {base.release_path}")
-    print(materialize_release_path(base, sdist))
-    progress(3, steps, "install")
-    print(install(base))
-    progress(4, steps, f"the fork's tests, from {base.fork}")
-    junit = fork_report(base, git(base.fork, "rev-parse", "HEAD").strip())
-    junit.parent.mkdir(parents=True, exist_ok=True)
-    exits = {"the fork's tests": pytest(base.fork, [f"--junitxml={junit}", *pytest_args])}
+    steps = 2 * len(bases) + 2
+    step = iter(range(1, steps + 1))
+    tested = []
+    for base in bases:
+        skip = unmet_requirement(base) if tested else None
+        if skip:
+            print(f"==> skipping torchtitan {base.version}'s series: {skip}", flush=True)
+            continue
+        progress(next(step), steps, f"{base.version}: materialize {base.fork} and install")
+        print(materialize(base, base.fork, None, sdist, False))
+        if base.release_path is not None:
+            print(materialize_release_path(base, sdist))
+        print(install(base))
+        tested.append(base)
+    exits = {}
+    for base in tested:
+        progress(next(step), steps, f"{base.version}: the fork's tests, from {base.fork}")
+        junit = fork_report(base, git(base.fork, "rev-parse", "HEAD").strip())
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        env = {} if base.installed else {"PYTHONPATH": str(base.fork)}
+        exits[f"torchtitan {base.version}'s fork tests"] = pytest(base.fork, [f"--junitxml={junit}", *pytest_args], env)
+    upstream_problems = [
+        problem for base in tested if upstream is not None
+        for problem in compare_upstream_tests(base, upstream, sdist)
+    ]
     # each commit's own tests and this repository's need nothing of each other
     with ThreadPoolExecutor(max_workers=1) as pool:
-        progress(5, steps, "each commit's own tests, at that commit, in the background")
-        commit_run = pool.submit(each_commit_passes_its_tests, base, base.fork, pytest_args, True)
-        progress(6, steps, f"the tooling and training tests, from {ROOT}")
-        exits["the tooling and training tests"] = pytest(ROOT, pytest_args)
-        failed_commits, report = commit_run.result()
-    print(f"each commit's own tests, at that commit:\n{report}", flush=True)
+        progress(next(step), steps, "each commit's own tests, at that commit, in the background")
+        commit_runs = pool.submit(
+            lambda: [each_commit_passes_its_tests(base, base.fork, pytest_args, True) for base in tested]
+        )
+        if any(base.installed for base in tested):
+            progress(next(step), steps, f"the tooling and training tests, from {ROOT}")
+            exits["the tooling and training tests"] = pytest(ROOT, pytest_args)
+        failed_commits = []
+        for failed, report in commit_runs.result():
+            print(f"each commit's own tests, at that commit:\n{report}", flush=True)
+            failed_commits += failed
     failed = [f"{name} (pytest exit {code})" for name, code in exits.items() if code not in (0, NO_TESTS)]
     failed += [f"the tests of {subject!r} at that commit" for subject in failed_commits]
+    failed += upstream_problems
     if failed or set(exits.values()) == {NO_TESTS}:
         raise ForkError(f"tests failed: {', '.join(failed) or 'no test matched'}; see the reports above")
-    return "tests passed"
+    return f"tests passed for torchtitan {', '.join(b.version for b in tested)}"
