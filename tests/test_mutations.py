@@ -6,6 +6,7 @@ A mutation whose code the series no longer has fails here, so this list
 follows the series.
 """
 
+import functools
 import os
 import re
 import subprocess
@@ -17,9 +18,7 @@ import pytest
 import torch
 
 from gqa.bases import BASES, DEFAULT
-from gqa.suites import fork_report
-
-BASE = BASES[DEFAULT]
+from gqa.suites import fork_report, unmet_requirement
 
 MODELS = "torchtitan/models"
 ATTENTION = f"{MODELS}/attention.py"
@@ -41,6 +40,8 @@ class Mutation(NamedTuple):
     # what its failure report must hold
     reason: str
     needs_cuda: bool = False
+    # the release whose fork it mutates
+    base: str = DEFAULT
 
 
 MUTATIONS = {
@@ -204,15 +205,29 @@ MUTATIONS = {
         f"{TESTS}/test_head_counts.py::test_parallelize_refuses_float8_tensorwise_tp_with_replicated_kv_heads",
         NOT_REFUSED,
     ),
+    "0.3.0: heads that do not group accepted by GQAttention": Mutation(
+        "torchtitan/models/common/attention.py",
+        "            if self.n_heads % n_kv_heads != 0:\n",
+        "            if False:\n",
+        f"{TESTS}/test_gqa_head_counts.py::test_heads_that_do_not_group_are_refused_for_every_projection",
+        NOT_REFUSED,
+        base="0.3.0",
+    ),
+    "0.3.0: the TP check without the degrees that work": Mutation(
+        "torchtitan/models/common/decoder.py",
+        'f"rank gets whole KV heads with their query heads; use one "\n                        f"of {degrees}"',
+        'f"rank gets whole KV heads with their query heads"',
+        f"{TESTS}/test_gqa_head_counts.py::test_tp_degrees_that_split_kv_heads_are_refused_with_those_that_work",
+        "Regex pattern did not match",
+        base="0.3.0",
+    ),
 }
 
 
-def scratch_fork(folder):
-    """The fork's committed tree, in `folder`."""
+def scratch_fork(base, folder):
+    """The committed tree of `base`'s fork, in `folder`."""
     folder.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", BASE.fork, "archive", "HEAD"], capture_output=True, check=True
-    ).stdout
+    archive = subprocess.run(["git", "-C", base.fork, "archive", "HEAD"], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
     return folder
 
@@ -244,20 +259,25 @@ def fork_outcomes(report):
 
 @pytest.fixture(scope="session")
 def unmutated(tmp_path_factory):
-    """Every guarding test's outcomes on the fork as it is: from the report of
-    the fork's tests that `gqa_fork.py test` ran just before on this very
-    commit, where it has them all; else from a run of them here."""
-    tests = sorted({m.test for m in MUTATIONS.values()})
-    fork = BASE.fork
-    head = subprocess.run(["git", "-C", fork, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    clean = not subprocess.run(["git", "-C", fork, "status", "--porcelain"], capture_output=True, text=True).stdout
-    report = fork_report(BASE, head)
-    if clean and report.exists():
-        outcomes = fork_outcomes(report)
-        if all(selected(outcomes, test) for test in tests):
-            return outcomes
-    folder = tmp_path_factory.mktemp("unmutated")
-    return run_fork_tests(scratch_fork(folder / "torchtitan"), tests, folder / "report.xml")
+    """{base: every guarding test's outcomes on its fork as it is}: from the
+    report of the fork's tests that `gqa_fork.py test` ran just before on this
+    very commit, where it has them all; else from a run of them here."""
+
+    @functools.cache
+    def outcomes_of(version):
+        base = BASES[version]
+        tests = sorted({m.test for m in MUTATIONS.values() if m.base == version})
+        head = subprocess.run(["git", "-C", base.fork, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        clean = not subprocess.run(["git", "-C", base.fork, "status", "--porcelain"], capture_output=True, text=True).stdout
+        report = fork_report(base, head)
+        if clean and report.exists():
+            outcomes = fork_outcomes(report)
+            if all(selected(outcomes, test) for test in tests):
+                return outcomes
+        folder = tmp_path_factory.mktemp(f"unmutated-{version}")
+        return run_fork_tests(scratch_fork(base, folder / "torchtitan"), tests, folder / "report.xml")
+
+    return outcomes_of
 
 
 @pytest.mark.parametrize("name", MUTATIONS)
@@ -265,14 +285,18 @@ def test_mutation_fails_its_test(tmp_path, unmutated, name):
     mutation = MUTATIONS[name]
     if mutation.needs_cuda and not torch.cuda.is_available():
         pytest.skip("caught by a CUDA kernel test; this machine has no CUDA device")
-    before = selected(unmutated, mutation.test)
+    base = BASES[mutation.base]
+    cannot = unmet_requirement(base)
+    if cannot or not base.fork.exists():
+        pytest.skip(f"torchtitan {base.version}'s fork cannot run here: {cannot or 'it is not materialized'}")
+    before = selected(unmutated(mutation.base), mutation.test)
     assert before, f"{name}: {mutation.test} selects no test of the fork"
     assert all(outcome in (None, "skipped") for outcome in before.values()), (
         f"{name}: {mutation.test} fails on the fork as it is:\n{before}"
     )
     assert any(outcome is None for outcome in before.values()), f"{name}: every test of {mutation.test} skipped"
 
-    fork = scratch_fork(tmp_path / "torchtitan")
+    fork = scratch_fork(base, tmp_path / "torchtitan")
     source = fork / mutation.path
     text = source.read_text()
     assert text.count(mutation.code) == 1, f"{name}: the code it mutates is not in {mutation.path} once; update MUTATIONS"
