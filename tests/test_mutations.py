@@ -17,6 +17,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from gqa.fork import archive
 from gqa.bases import BASES, DEFAULT
 from gqa.suites import fork_report, unmet_requirement
 
@@ -226,10 +227,7 @@ MUTATIONS = {
 
 def scratch_fork(base, folder):
     """The committed tree of `base`'s fork, in `folder`."""
-    folder.mkdir()
-    archive = subprocess.run(["git", "-C", base.fork, "archive", "HEAD"], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
-    return folder
+    return archive(base.fork, "HEAD", folder)
 
 
 def run_fork_tests(fork, tests, report):

@@ -58,6 +58,17 @@ def count(items: list, noun: str) -> str:
     return f"{len(items)} {noun}{'' if len(items) == 1 else 'es' if noun.endswith('ch') else 's'}"
 
 
+def archive(repo: Path, commit: str, dest: Path, *paths: str) -> Path:
+    """The tree of `commit` in the git repository `repo` (only `paths`, if
+    given), written into the folder `dest`."""
+    proc = subprocess.run(["git", "-C", repo, "archive", commit, *paths], capture_output=True)
+    if proc.returncode != 0:
+        raise ForkError(f"could not read {' '.join(paths) or 'the tree'} at {commit[:12]} in {repo}: {proc.stderr.decode().strip()}")
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", dest], input=proc.stdout, check=True)
+    return dest
+
+
 def read_series(base: Base) -> list[str]:
     if not base.series.is_file():
         raise ForkError(f"{base.series} does not exist; restore it (git checkout -- {base.patches})")

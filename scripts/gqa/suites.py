@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gqa import ForkError
 from gqa.bases import Base, BUILD, ROOT
-from gqa.fork import git, materialize, materialize_release_path, upstream_release_commit
+from gqa.fork import archive, git, materialize, materialize_release_path, upstream_release_commit
 from gqa.install import install, installed_version, version_tuple
 from gqa.release import unpack, verified_sdist
 
@@ -49,7 +49,7 @@ def pytest(folder: Path, args: list[str], env: dict | None = None) -> int:
     ).returncode
 
 
-def commit_tests(fork: Path, base: Base, commits: list[str]) -> dict[str, list[str]]:
+def commit_tests(fork: Path, commits: list[str]) -> dict[str, list[str]]:
     """{commit: the test files it adds or changes}, of the given commits."""
     return {
         commit: [
@@ -63,8 +63,7 @@ def commit_tests(fork: Path, base: Base, commits: list[str]) -> dict[str, list[s
 def run_at_commit(fork: Path, commit: str, tests: list[str], pytest_args: list[str]) -> tuple[int, str]:
     """pytest over `tests` in a checkout of `commit`: its exit status and output."""
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", fork, "archive", commit], capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        archive(fork, commit, Path(tmp))
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, *tests],
             cwd=tmp, env={**os.environ, "PYTHONPATH": tmp, "OMP_NUM_THREADS": "1"},
@@ -84,7 +83,7 @@ def each_commit_passes_its_tests(
     commits = git(fork, "rev-list", "--reverse", f"{base.tag}..HEAD").split()
     if skip_last:
         commits = commits[:-1]
-    todo = {commit: tests for commit, tests in commit_tests(fork, base, commits).items() if tests}
+    todo = {commit: tests for commit, tests in commit_tests(fork, commits).items() if tests}
     with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
         results = dict(zip(todo, pool.map(lambda c: run_at_commit(fork, c, todo[c], pytest_args), todo)))
     failed, report = [], []
@@ -124,10 +123,7 @@ def compare_upstream_tests(base: Base, upstream: Path, sdist: Path | None) -> li
     and the declared ones that did not happen."""
     commit = upstream_release_commit(base, upstream)
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", upstream, "archive", commit, "tests/unit_tests"], capture_output=True)
-        if archive.returncode != 0:
-            raise ForkError(f"could not read tests/unit_tests at {commit[:12]} in {upstream}: {archive.stderr.decode().strip()}")
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        archive(upstream, commit, Path(tmp), "tests/unit_tests")
         unpack(base, verified_sdist(base, sdist), Path(tmp, "pristine"))
         tests = sorted(
             str(path.relative_to(tmp)) for path in Path(tmp, "tests", "unit_tests").glob("test_*.py")
