@@ -71,8 +71,8 @@ def test_cpu_sdpa_training_matches_the_release_path():
 
 
 def test_flex_forward_matches_the_release_path_and_sdpa():
-    """On the GPU where there is one (inductor's CPU compile of flex fails on
-    some GPU hosts), else on the CPU."""
+    """On the GPU where there is one (on a GPU host, inductor's compile of flex
+    for its CPU took about a minute a case), else on the CPU."""
     device = f"--device={'cuda' if GPUS else 'cpu'}"
     args = ["--attn-type=flex", "--steps=2", "--forward-only", "--corpus=multi_doc", device]
     series = runs.step_losses(BASE.fork, *args)
