@@ -252,7 +252,7 @@ def test_a_stale_baseline_is_rebuilt_but_never_edits(base):
 
 
 def test_check_applies_the_series_to_a_pristine_release(base):
-    assert fork.check(base, None).startswith(f"ok: {len(fork.read_series(base))} patches apply cleanly")
+    assert fork.check(base, None).startswith(f"ok: the series ({len(fork.read_series(base))} patches) applies cleanly")
     corrupt(base, "0004")
     with pytest.raises(ForkError, match="0004-.* does not apply"):
         fork.check(base, None)
@@ -531,7 +531,7 @@ def test_a_second_base_materializes_exports_and_checks_on_its_own(other_base):
     before = {p.name: p.read_bytes() for p in other_base.patches.iterdir()}
     fork.export(other_base)
     assert {p.name: p.read_bytes() for p in other_base.patches.iterdir()} == before
-    assert fork.check(other_base, None).startswith(f"ok: {len(series)} patch")
+    assert fork.check(other_base, None).startswith(f"ok: the series ({len(series)} patch")
 
 
 def test_an_upstream_release_branch_stands_in_for_a_missing_tag(other_base, tmp_path):

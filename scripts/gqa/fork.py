@@ -438,4 +438,7 @@ def checked_series(base: Base, sdist: Path | None) -> Iterator[Path]:
 def check(base: Base, sdist: Path | None) -> str:
     with checked_series(base, sdist):
         pass
-    return f"ok: {count(read_series(base), 'patch')} apply cleanly to pristine torchtitan {base.version} and round-trip through export"
+    return (
+        f"ok: the series ({count(read_series(base), 'patch')}) applies cleanly to pristine torchtitan "
+        f"{base.version} and round-trips through export"
+    )
