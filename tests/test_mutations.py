@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import xml.etree.ElementTree as ElementTree
 from typing import NamedTuple
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 from gqa.fork import archive
 from gqa.bases import BASES, DEFAULT
-from gqa.suites import fork_report, unmet_requirement
+from gqa.suites import fork_report, junit_outcomes, unmet_requirement
 
 MODELS = "torchtitan/models"
 ATTENTION = f"{MODELS}/attention.py"
@@ -236,23 +235,17 @@ def run_fork_tests(fork, tests, report):
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *tests],
         cwd=fork, env={**os.environ, "PYTHONPATH": str(fork)}, capture_output=True, text=True,
     )
-    return fork_outcomes(report)
+    return junit_outcomes(report)
 
 
 def selected(outcomes, test):
-    """The outcomes of the tests that `test` (a file, or file::function) selects."""
-    return {test_id: outcome for test_id, outcome in outcomes.items() if re.match(rf"{re.escape(test)}(\[|::|$)", test_id)}
-
-
-def fork_outcomes(report):
-    """{test id: failure report, "skipped" or None} from a junit report of the fork's tests."""
-    outcomes = {}
-    for case in ElementTree.parse(report).iter("testcase"):
-        test_id = f"{case.get('classname').replace('.', '/')}.py::{case.get('name')}"
-        problems = [f"{p.tag}: {p.get('message')}\n{p.text}" for p in case if p.tag in ("failure", "error")]
-        skipped = any(p.tag == "skipped" for p in case)
-        outcomes[test_id] = "skipped" if skipped and not problems else ("\n".join(problems) or None)
-    return outcomes
+    """The outcomes of the tests that `test` (a file, or file::function) selects;
+    junit reports name them by module (tests.unit_tests.test_x::function)."""
+    module_test = test.replace(".py", "").replace("/", ".")
+    return {
+        test_id: outcome for test_id, outcome in outcomes.items()
+        if re.match(rf"{re.escape(module_test)}(\[|::|$)", test_id)
+    }
 
 
 @pytest.fixture(scope="session")
@@ -269,7 +262,7 @@ def unmutated(tmp_path_factory):
         clean = not subprocess.run(["git", "-C", base.fork, "status", "--porcelain"], capture_output=True, text=True).stdout
         report = fork_report(base, head)
         if clean and report.exists():
-            outcomes = fork_outcomes(report)
+            outcomes = junit_outcomes(report)
             if all(selected(outcomes, test) for test in tests):
                 return outcomes
         folder = tmp_path_factory.mktemp(f"unmutated-{version}")
@@ -289,10 +282,10 @@ def test_mutation_fails_its_test(tmp_path, unmutated, name):
         pytest.skip(f"torchtitan {base.version}'s fork cannot run here: {cannot or 'it is not materialized'}")
     before = selected(unmutated(mutation.base), mutation.test)
     assert before, f"{name}: {mutation.test} selects no test of the fork"
-    assert all(outcome in (None, "skipped") for outcome in before.values()), (
+    assert all(outcome.kind in ("passed", "skipped") for outcome in before.values()), (
         f"{name}: {mutation.test} fails on the fork as it is:\n{before}"
     )
-    assert any(outcome is None for outcome in before.values()), f"{name}: every test of {mutation.test} skipped"
+    assert any(outcome.kind == "passed" for outcome in before.values()), f"{name}: every test of {mutation.test} skipped"
 
     fork = scratch_fork(base, tmp_path / "torchtitan")
     source = fork / mutation.path
@@ -302,9 +295,10 @@ def test_mutation_fails_its_test(tmp_path, unmutated, name):
 
     after = selected(run_fork_tests(fork, [mutation.test], tmp_path / "report.xml"), mutation.test)
     assert after, f"{name}: {mutation.test} selects no test of the mutated fork (did collection fail?)"
-    failures = [outcome for outcome in after.values() if outcome not in (None, "skipped")]
+    failures = [outcome for outcome in after.values() if outcome.kind in ("failure", "error")]
     assert failures, f"{name}: every test of {mutation.test} passed on the mutated fork"
-    assert not any(f.startswith("error") for f in failures), f"{name}: a set-up error, not a failure:\n{failures[0][:3000]}"
-    assert any(re.search(mutation.reason, f) for f in failures), (
-        f"{name}: {mutation.test} failed, but not for its reason ({mutation.reason}):\n{failures[0][:3000]}"
+    errors = [outcome.report for outcome in failures if outcome.kind == "error"]
+    assert not errors, f"{name}: a set-up error, not a failure:\n{errors[0][:3000]}"
+    assert any(re.search(mutation.reason, outcome.report) for outcome in failures), (
+        f"{name}: {mutation.test} failed, but not for its reason ({mutation.reason}):\n{failures[0].report[:3000]}"
     )

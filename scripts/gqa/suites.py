@@ -13,6 +13,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from gqa import ForkError
 from gqa.bases import Base, BUILD, ROOT
@@ -97,12 +98,23 @@ def each_commit_passes_its_tests(
     return failed, "\n".join(report)
 
 
-def junit_outcomes(report: Path) -> dict[str, str]:
-    """{test id: passed, failure, error or skipped} from a pytest junit report."""
+class Outcome(NamedTuple):
+    # passed, failure, error or skipped
+    kind: str
+    # the failures' and errors' messages and tracebacks
+    report: str
+
+
+def junit_outcomes(report: Path) -> dict[str, Outcome]:
+    """{test id (classname::name): its outcome} from a pytest junit report."""
     outcomes = {}
     for case in ElementTree.parse(report).iter("testcase"):
+        problems = [p for p in case if p.tag in ("failure", "error")]
         kinds = [p.tag for p in case if p.tag in ("failure", "error", "skipped")]
-        outcomes[f"{case.get('classname')}::{case.get('name')}"] = kinds[0] if kinds else "passed"
+        outcomes[f"{case.get('classname')}::{case.get('name')}"] = Outcome(
+            kinds[0] if kinds else "passed",
+            "\n".join(f"{p.tag}: {p.get('message')}\n{p.text}" for p in problems),
+        )
     return outcomes
 
 
@@ -134,7 +146,7 @@ def compare_upstream_tests(base: Base, upstream: Path, sdist: Path | None) -> li
             report = Path(tmp, f"{side}.xml")
             print(f"--- upstream's tests of the models on the {side} release ({len(tests)} files)", flush=True)
             pytest(Path(tmp), ["-q", "--tb=no", "-p", "no:cacheprovider", f"--junitxml={report}", *tests], {"PYTHONPATH": str(code)})
-            outcomes[side] = junit_outcomes(report)
+            outcomes[side] = {test_id: o.kind for test_id, o in junit_outcomes(report).items()}
     declared = upstream_test_changes(base)
     changed = {
         test_id: (outcomes["pristine"].get(test_id), outcomes["fork"].get(test_id))
