@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from gqa import positive_int
 from tokenizers import Tokenizer
+from torch.nn.attention.flex_attention import flex_attention
+from torchtitan.models.attention import FlexAttentionWrapper
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -60,6 +62,9 @@ def main() -> None:
     if args.attn_type == "varlen" and args.device == "cpu":
         parser.error("--attn-type varlen needs a CUDA device (varlen_attn is a CUDA kernel); pass --device cuda on a GPU machine")
 
+    # the wrapper's max-autotune compile tunes for a minute or more per run on a
+    # GPU, and a few steps gain nothing from it
+    FlexAttentionWrapper._compiled_flex_attn = torch.compile(flex_attention)
     torch.manual_seed(0)
     model_args = Qwen3ModelArgs(
         vocab_size=2048, dim=256, n_layers=4, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,

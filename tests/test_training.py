@@ -39,8 +39,8 @@ BF16_RTOL = 1e-3
 # CPU float32, same kernel on both sides: only summation order may differ.
 FP32_RTOL = 1e-5
 GPUS = torch.cuda.device_count()
-# under pytest-xdist, one worker runs them all: they share the Trainer runs
-pytestmark = pytest.mark.xdist_group("trainer")
+# under pytest-xdist, one worker runs the Trainer tests: they share the Trainer runs
+TRAINER_WORKER = pytest.mark.xdist_group("trainer")
 
 
 def assert_losses_close(actual, expected, rtol):
@@ -293,7 +293,7 @@ def needs(gpus):
 def pairs(runs_and_expected):
     """(run, expected) test parameters, each marked with the GPUs it needs."""
     return [
-        pytest.param(run, expected, marks=needs(max(gpus_of(run), gpus_of(expected))), id=run.name)
+        pytest.param(run, expected, marks=[needs(max(gpus_of(run), gpus_of(expected))), TRAINER_WORKER], id=run.name)
         for run, expected in runs_and_expected
     ]
 
@@ -341,6 +341,7 @@ def test_two_gpus_match_the_release_path(trainer, run, expected):
 
 
 @needs(2)
+@TRAINER_WORKER
 @pytest.mark.parametrize(
     "run", [run for run in TWO_GPU if (run.backend, run.parallelism) in REFUSED], ids=lambda run: run.name
 )
