@@ -24,10 +24,14 @@ MODELS = "torchtitan/models"
 ATTENTION = f"{MODELS}/attention.py"
 TENSOR_PARALLEL = "torchtitan/distributed/tensor_parallel.py"
 TESTS = "tests/unit_tests"
+COMMON_ATTENTION = "torchtitan/models/common/attention.py"
+COMMON_DECODER = "torchtitan/models/common/decoder.py"
+REPLICATION_ON_FOUR_RANKS = f"{TESTS}/test_tp_kv_head_replication.py::test_replicated_kv_heads_match_one_process_on_four_ranks"
 # the reasons fork tests give when they catch a bug
 LAYOUT = "is above .* twice that of the same attention"
 REPEATED = r"K/V reach the kernel with \d+ heads, not n_kv_heads"
 NOT_CLOSE = "Tensor-likes are not close"
+NOT_EQUAL = "Tensor-likes are not equal"
 NOT_REFUSED = "DID NOT RAISE"
 
 
@@ -206,7 +210,7 @@ MUTATIONS = {
         NOT_REFUSED,
     ),
     "0.3.0: heads that do not group accepted by GQAttention": Mutation(
-        "torchtitan/models/common/attention.py",
+        COMMON_ATTENTION,
         "            if self.n_heads % n_kv_heads != 0:\n",
         "            if False:\n",
         f"{TESTS}/test_gqa_head_counts.py::test_heads_that_do_not_group_are_refused_for_every_projection",
@@ -214,11 +218,51 @@ MUTATIONS = {
         base="0.3.0",
     ),
     "0.3.0: the TP check without the degrees that work": Mutation(
-        "torchtitan/models/common/decoder.py",
-        'f"rank gets whole KV heads with their query heads; use one "\n                        f"of {degrees}"',
-        'f"rank gets whole KV heads with their query heads"',
+        COMMON_DECODER,
+        'f"with the KV head they attend to; use one of {degrees}"',
+        'f"with the KV head they attend to"',
         f"{TESTS}/test_gqa_head_counts.py::test_tp_degrees_that_split_kv_heads_are_refused_with_those_that_work",
         "Regex pattern did not match",
+        base="0.3.0",
+    ),
+    "0.3.0: TP degrees past n_kv_heads refused": Mutation(
+        COMMON_DECODER,
+        "(n_kv_heads % tp and tp % n_kv_heads)",
+        "n_kv_heads % tp",
+        f"{TESTS}/test_tp_kv_head_replication.py::test_past_n_kv_heads_the_fused_projection_becomes_separate_with_its_weights",
+        "must divide n_heads",
+        base="0.3.0",
+    ),
+    "0.3.0: a replicated KV head given to the wrong ranks": Mutation(
+        COMMON_ATTENTION,
+        "self.local_kv_head = tp_rank // self.kv_head_replicas",
+        "self.local_kv_head = tp_rank % self.kv_head_replicas",
+        REPLICATION_ON_FOUR_RANKS,
+        NOT_CLOSE,
+        base="0.3.0",
+    ),
+    "0.3.0: replicated K/V's gradient taken as replicated, not partial": Mutation(
+        COMMON_ATTENTION,
+        "Partial() if i == tp else p for i, p in enumerate(x.placements)",
+        "p for p in x.placements",
+        REPLICATION_ON_FOUR_RANKS,
+        NOT_CLOSE,
+        base="0.3.0",
+    ),
+    "0.3.0: spmd_types K/V head kept without its R -> V type": Mutation(
+        COMMON_ATTENTION,
+        "            src=spmd.R,\n            dst=spmd.V,\n            expert_mode=True,",
+        "            src=spmd.R,\n            dst=spmd.R,",
+        REPLICATION_ON_FOUR_RANKS,
+        "SpmdTypeError",
+        base="0.3.0",
+    ),
+    "0.3.0: the fused projection unfused with other initial weights": Mutation(
+        COMMON_ATTENTION,
+        "param_init = {n: f.qkv_init for n, f in wqkv.param_init.items()}",
+        "param_init = None",
+        f"{TESTS}/test_tp_kv_head_replication.py::test_past_n_kv_heads_the_fused_projection_becomes_separate_with_its_weights",
+        NOT_EQUAL,
         base="0.3.0",
     ),
 }
