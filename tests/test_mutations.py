@@ -209,6 +209,13 @@ MUTATIONS = {
         f"{TESTS}/test_head_counts.py::test_parallelize_refuses_float8_tensorwise_tp_with_replicated_kv_heads",
         NOT_REFUSED,
     ),
+    "qwen3 output untied from its embeddings by to_empty": Mutation(
+        f"{MODELS}/qwen3/model/model.py",
+        "            self.output.weight = self.tok_embeddings.weight\n        if self.tok_embeddings is not None:",
+        "            pass\n        if self.tok_embeddings is not None:",
+        f"{TESTS}/test_weight_tying.py",
+        "no longer tied to tok_embeddings",
+    ),
     "0.3.0: heads that do not group accepted by GQAttention": Mutation(
         COMMON_ATTENTION,
         "            if self.n_heads % n_kv_heads != 0:\n",

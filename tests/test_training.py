@@ -143,17 +143,29 @@ class Run(NamedTuple):
     backend: str
     parallelism: str = "1gpu"
     corpus: str = "single_doc"
+    # starts from the seed checkpoint that its path makes on one GPU
+    seeded: bool = False
 
     @property
     def name(self):
-        return f"{self.model}/{self.flavor} {self.backend} {self.parallelism} {self.path} {self.corpus}"
+        seed = " seeded" if self.seeded else ""
+        return f"{self.model}/{self.flavor} {self.backend} {self.parallelism} {self.path} {self.corpus}{seed}"
 
-    def overrides(self):
+    @property
+    def seed(self):
+        """The one-GPU run that makes this run's seed checkpoint."""
+        return Run(self.path, self.model, self.flavor, "sdpa")
+
+    def overrides(self, seeds=None):
+        """Its Trainer arguments; seeds: {seed run: its dump folder}."""
+        steps = STEPS if gpus_of(self) == 1 and not self.seeded else MULTI_GPU_STEPS
+        seed = []
+        if self.seeded:
+            seed = ["--checkpoint.enable", f"--checkpoint.initial_load_path={seeds[self.seed] / 'checkpoint' / 'step-0'}"]
         return [
             f"--model.name={self.model}", f"--model.flavor={self.flavor}{BACKEND_SUFFIX[self.backend]}",
             "--experimental.custom_import=gqa_flavors", f"--training.dataset_path={ROOT / 'data' / self.corpus}",
-            f"--training.steps={STEPS if gpus_of(self) == 1 else MULTI_GPU_STEPS}",
-            *PARALLELISMS[self.parallelism][1],
+            f"--training.steps={steps}", *PARALLELISMS[self.parallelism][1], *seed,
         ]
 
 
@@ -186,10 +198,7 @@ TWO_GPU = [
 ] + [Run("0.2.1", *MODELS[model], "sdpa", parallelism) for model, parallelism in itertools.product(MODELS, TWO_GPU_PARALLELISMS)]
 
 # ---- KV heads replicated past n_kv_heads, on every backend TP trains (varlen
-# is refused there): the backends agree. TP initializes weights unlike one GPU,
-# so its losses cannot be held to a one-GPU run (a seed checkpoint loaded under
-# TP gave a step-1 loss of 254.6 on both paths); the CPU test of the fork,
-# test_tensor_parallel_attention.py, holds output and gradients to one process.
+# is refused there): the backends agree.
 KV_REPLICATED = {"8q1kv": ("tp", "tp4"), "16q1kv": ("tp",), "16q2kv": ("tp4",)}
 KV_RUNS = [
     Run("series", "qwen3_gqa", flavor, backend, parallelism)
@@ -197,6 +206,19 @@ KV_RUNS = [
     for parallelism in parallelisms
     for backend in ("sdpa", "flex")
 ]
+# ...and held to one GPU. TP initializes weights unlike one GPU, so both start
+# from a seed checkpoint made on one GPU, as torchtitan users compare
+# parallelisms. With output tied to embeddings, 0.2.1's seed holds them
+# untied (its to_empty unties them on one device), and TP, whose DTensors stay
+# tied, loads one over the other: a step-1 loss of 254.6 instead of 8.
+SEEDED_FLAVORS = ("8q1kv", "16q1kv", "8q1kv_tied")
+SEEDED = [
+    Run("series", "qwen3_gqa", flavor, backend, parallelism, seeded=True)
+    for flavor in SEEDED_FLAVORS
+    for backend in ("sdpa", "flex")
+    for parallelism in ("1gpu", "tp")
+]
+TIED_BUG = [Run("0.2.1", "qwen3_gqa", "8q1kv_tied", "sdpa", parallelism, seeded=True) for parallelism in ("1gpu", "tp")]
 
 # ---- four GPUs: upstream's FSDP x TP, and the MoE flavor with EP and ETP
 FOUR_GPU = [
@@ -206,7 +228,7 @@ FOUR_GPU = [
     if path == "series" or backend == "sdpa"
 ]
 
-RUNS = ONE_GPU + TWO_GPU + KV_RUNS + FOUR_GPU
+RUNS = ONE_GPU + TWO_GPU + KV_RUNS + SEEDED + TIED_BUG + FOUR_GPU
 # GPU sets run this many Trainer runs at once: debugmodels leave them mostly
 # idle, and a run's time is mostly its start-up on the CPU
 RUNS_PER_GPU_SET = 6
@@ -240,15 +262,30 @@ def trainer(tmp_path_factory, request):
     forks = {"series": BASE.fork, "0.2.1": BASE.release_path}
     selected = {
         value for item in request.session.items if hasattr(item, "callspec")
+        and not any(mark.args and mark.args[0] for mark in item.iter_markers("skipif"))
         for value in item.callspec.params.values() if isinstance(value, Run)
     }
     todo = [run for run in RUNS if run in selected]
     dumps = {run: dump_root / f"run{i}" for i, run in enumerate(todo)}
+    seeds = {run.seed: dump_root / f"seed{i}" for i, run in enumerate(r for r in todo if r.seeded)}
+
+    def make_seed(seed, gpus):
+        try:
+            runs.run_trainer(
+                forks[seed.path], config, seeds[seed],
+                seed.overrides() + ["--checkpoint.enable", "--checkpoint.create_seed_checkpoint"], gpus=gpus,
+            )
+        except ForkError as error:
+            return error
+
+    seed_errors = runs.on_gpu_sets(list(seeds), make_seed, gpus_of, GPUS, RUNS_PER_GPU_SET)
 
     def train(run, gpus):
+        if run.seeded and seed_errors[run.seed] is not None:
+            return seed_errors[run.seed]
         try:
             return runs.trainer_losses(
-                forks[run.path], config, dumps[run], run.overrides(), nproc=gpus_of(run), gpus=gpus
+                forks[run.path], config, dumps[run], run.overrides(seeds), nproc=gpus_of(run), gpus=gpus
             )
         except ForkError as error:
             return error
@@ -263,7 +300,7 @@ def write_report(losses, loss_table):
     report.parent.mkdir(parents=True, exist_ok=True)
     groups = {}
     for run, result in losses.items():
-        key = (run.model, run.flavor, run.parallelism, run.corpus)
+        key = (run.model, run.flavor, run.parallelism, run.corpus + (", from a seed checkpoint" if run.seeded else ""))
         groups.setdefault(key, {})[f"{run.backend} {run.path}"] = result
     tables = []
     for (model, flavor, parallelism, corpus), columns in groups.items():
@@ -355,6 +392,20 @@ def test_refused_cells_fail_at_setup_with_their_reason(trainer, run):
 @pytest.mark.parametrize("run,expected", compared(KV_RUNS))
 def test_kv_replication_backends_agree(trainer, run, expected):
     check_against(trainer, run, expected)
+
+
+@pytest.mark.parametrize(
+    "run,expected", pairs((run, run._replace(parallelism="1gpu")) for run in SEEDED if run.parallelism == "tp")
+)
+def test_kv_replication_matches_one_gpu_from_a_seed_checkpoint(trainer, run, expected):
+    check_against(trainer, run, expected)
+
+
+@pytest.mark.parametrize("run,expected", pairs([(TIED_BUG[1], TIED_BUG[0])]))
+def test_tolerance_catches_0_2_1_seeds_of_tied_weights(trainer, run, expected):
+    """0.2.1's one-device seed holds output and embeddings untied; TP loads it
+    into tied weights: the same comparison must fail."""
+    assert max_relative_difference(losses_of(trainer, run), losses_of(trainer, expected)) > BF16_RTOL
 
 
 @pytest.mark.parametrize("run,expected", compared(FOUR_GPU))

@@ -4,7 +4,8 @@ by the 0.2.1 path (which has no Qwen3 flex or varlen flavors) with
 
 - "qwen3_gqa": Qwen3 debugmodel with the head layouts below, Qwen3
   debugmodel_moe ("moe", 16/8 heads), and Qwen3 0.6B with its 8 KV heads
-  ("0.6B") and with one ("0.6B_mqa");
+  ("0.6B") and with one ("0.6B_mqa"), all with untied output and embeddings,
+  and debugmodel with 8/1 heads tied ("8q1kv_tied");
 - "llama3_gqa": Llama3 debugmodel with 16 query / 8 KV heads ("16q8kv").
 
 Each flavor comes on every backend: "<flavor>", "<flavor>_flex_attn",
@@ -44,14 +45,23 @@ def on_every_backend(flavors):
     }
 
 
+# Untied output and embeddings, so that the series and the 0.2.1 path train
+# the same model on one GPU: 0.2.1's to_empty unties them there (and not under
+# FSDP or TP), the series ties them everywhere. "8q1kv_tied" keeps them tied.
 qwen3_flavors = {
-    layout: replace(qwen3.qwen3_args["debugmodel"], n_heads=n_heads, n_kv_heads=n_kv_heads)
+    layout: replace(
+        qwen3.qwen3_args["debugmodel"],
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        enable_weight_tying=False,
+    )
     for layout, (n_heads, n_kv_heads) in HEAD_LAYOUTS.items()
 } | {
-    "moe": qwen3.qwen3_args["debugmodel_moe"],
+    "8q1kv_tied": replace(qwen3.qwen3_args["debugmodel"], n_heads=8, n_kv_heads=1),
+    "moe": replace(qwen3.qwen3_args["debugmodel_moe"], enable_weight_tying=False),
     # for the benchmark's Trainer runs: a real size, and one with a single KV head
-    "0.6B": qwen3.qwen3_args["0.6B"],
-    "0.6B_mqa": replace(qwen3.qwen3_args["0.6B"], n_kv_heads=1),
+    "0.6B": replace(qwen3.qwen3_args["0.6B"], enable_weight_tying=False),
+    "0.6B_mqa": replace(qwen3.qwen3_args["0.6B"], n_kv_heads=1, enable_weight_tying=False),
 }
 register_train_spec(
     "qwen3_gqa", replace(qwen3.get_train_spec(), model_args=on_every_backend(qwen3_flavors))
