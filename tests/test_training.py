@@ -163,15 +163,15 @@ class Run(NamedTuple):
     def overrides(self, seeds=None):
         """Its Trainer arguments; seeds: {seed run: its dump folder}."""
         steps = STEPS if gpus_of(self) == 1 and not self.seeded else MULTI_GPU_STEPS
-        seed = []
+        extra = []
         if self.seeded:
-            seed = ["--checkpoint.enable", f"--checkpoint.initial_load_path={seeds[self.seed] / 'checkpoint' / 'step-0'}"]
+            extra = ["--checkpoint.enable", f"--checkpoint.initial_load_path={seeds[self.seed] / 'checkpoint' / 'step-0'}"]
         if not self.clipped:
-            seed.append("--training.max_norm=1e9")
+            extra.append("--training.max_norm=1e9")
         return [
             f"--model.name={self.model}", f"--model.flavor={self.flavor}{BACKEND_SUFFIX[self.backend]}",
             "--experimental.custom_import=gqa_flavors", f"--training.dataset_path={ROOT / 'data' / self.corpus}",
-            f"--training.steps={steps}", *PARALLELISMS[self.parallelism][1], *seed,
+            f"--training.steps={steps}", *PARALLELISMS[self.parallelism][1], *extra,
         ]
 
 
@@ -311,7 +311,8 @@ def write_report(losses, loss_table):
     report.parent.mkdir(parents=True, exist_ok=True)
     groups = {}
     for run, result in losses.items():
-        key = (run.model, run.flavor, run.parallelism, run.corpus + (", from a seed checkpoint" if run.seeded else ""))
+        start = (", from a seed checkpoint" if run.seeded else "") + ("" if run.clipped else ", unclipped")
+        key = (run.model, run.flavor, run.parallelism, run.corpus + start)
         groups.setdefault(key, {})[f"{run.backend} {run.path}"] = result
     tables = []
     for (model, flavor, parallelism, corpus), columns in groups.items():
