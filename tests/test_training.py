@@ -278,7 +278,7 @@ def trainer(tmp_path_factory, request):
     }
     todo = [run for run in RUNS if run in selected]
     dumps = {run: dump_root / f"run{i}" for i, run in enumerate(todo)}
-    seeds = {run.seed: dump_root / f"seed{i}" for i, run in enumerate(r for r in todo if r.seeded)}
+    seeds = {seed: dump_root / f"seed{i}" for i, seed in enumerate(dict.fromkeys(r.seed for r in todo if r.seeded))}
 
     def make_seed(seed, gpus):
         try:
