@@ -216,6 +216,27 @@ MUTATIONS = {
         f"{TESTS}/test_weight_tying.py",
         "no longer tied to tok_embeddings",
     ),
+    "Partial gradients clipped without their sum": Mutation(
+        "torchtitan/distributed/utils.py",
+        "        parameters = list(parameters)\n    _sum_partial_grads(parameters)\n",
+        "        parameters = list(parameters)\n",
+        f"{TESTS}/test_clip_grad_norm.py",
+        "a partial sum",
+    ),
+    "FA4 varlen run without the causal mask": Mutation(
+        f"{MODELS}/fa4_varlen.py",
+        "        softmax_scale=scale,\n        causal=True,\n        return_lse=True,",
+        "        softmax_scale=scale,\n        causal=False,\n        return_lse=True,",
+        f"{TESTS}/test_varlen_fa4.py::test_fa4_path_matches_reference",
+        LAYOUT,
+    ),
+    "FA4 varlen lse traced with the wrong layout": Mutation(
+        f"{MODELS}/fa4_varlen.py",
+        "(q.shape[1], q.shape[0]), dtype=torch.float32",
+        "(q.shape[0], q.shape[1]), dtype=torch.float32",
+        f"{TESTS}/test_varlen_fa4.py::test_fa4_ops_meet_the_custom_op_contract",
+        "test_faketensor failed",
+    ),
     "0.3.0: heads that do not group accepted by GQAttention": Mutation(
         COMMON_ATTENTION,
         "            if self.n_heads % n_kv_heads != 0:\n",
