@@ -1,7 +1,7 @@
 """FlashAttention-4 against torch's built-in varlen kernel (FlashAttention-2), one GPU.
 
 Needs the series fork installed (`gqa_fork.py install`) and flash-attn-4 on an
-sm90+ GPU; writes docs/benchmark-fa4.jsonl and the table docs/benchmark-fa4.md:
+sm90+ GPU; writes docs/varlen-fa4.jsonl and the table docs/varlen-fa4.md:
 
     python3 scripts/benchmark_fa4.py [--seq-lens 8192 32768] [--out docs]
 
@@ -83,9 +83,9 @@ def main():
             record(training_step(Qwen3Model, model_args, tokens, masks, variant="compile"), kind="step",
                    kernel=kernel, heads=f"{model_args.n_heads}/{model_args.n_kv_heads}", seq_len=seq_len)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmark-fa4.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (args.out / "varlen-fa4.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = "\n".join(table(rows, device, "python3 scripts/benchmark_fa4.py " + " ".join(sys.argv[1:])))
-    (args.out / "benchmark-fa4.md").write_text(report + "\n")
+    (args.out / "varlen-fa4.md").write_text(report + "\n")
     print(report)
 
 
