@@ -229,10 +229,10 @@ KV_RUNS = [
 # parallelisms. With output tied to embeddings, 0.2.1's seed holds them
 # untied (its to_empty unties them on one device), and TP, whose DTensors stay
 # tied, loads one over the other: a step-1 loss of 254.6 instead of 8.
-# Unclipped, and clipped at the configs' max_norm (CLIPPED_SEEDED): before
-# 0.2.1's clip_grad_norm_ summed Partial gradients (the replicated wk/wv ones
-# among them), torch 2.11 left those unclipped, and TP=2 with replicated KV
-# heads drifted from one GPU by 0.2-0.8% from step 3-6 on 2 x H200.
+# Unclipped, and clipped at the configs' max_norm (CLIPPED_SEEDED). Before
+# 0009 made clip_grad_norm_ sum Partial gradients first (the replicated wk/wv
+# ones among them), torch 2.11 left those unclipped, and clipped TP=2 with
+# replicated KV heads drifted from one GPU by 0.2-0.8% from step 3-6 on 2 x H200.
 SEEDED_FLAVORS = ("8q1kv", "16q1kv", "8q1kv_tied")
 SEEDED = [
     Run("series", "qwen3_gqa", flavor, backend, parallelism, seeded=True, clipped=False)
@@ -269,7 +269,8 @@ def fa4_missing():
     return None
 
 
-RUNS = ONE_GPU + TWO_GPU + KV_RUNS + SEEDED + CLIPPED_SEEDED + TIED_BUG + FOUR_GPU + FA4_RUNS
+# each run once, however many groups hold it
+RUNS = list(dict.fromkeys(ONE_GPU + TWO_GPU + KV_RUNS + SEEDED + CLIPPED_SEEDED + TIED_BUG + FOUR_GPU + FA4_RUNS))
 # GPU sets run this many Trainer runs at once: debugmodels leave them mostly
 # idle, and a run's time is mostly its start-up on the CPU
 RUNS_PER_GPU_SET = 6
