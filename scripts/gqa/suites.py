@@ -193,7 +193,7 @@ def run_tests(bases: list[Base], sdist: Path | None, pytest_args: list[str], ups
     print(
         f"test: for {', '.join(b.version for b in bases)}: materializes and installs the fork and runs its "
         f"tests, then this repository's tests while each commit's own tests run at that commit (all of "
-        f"it took 13.5 minutes on a 2-core CPU machine, installs included); GPU tests run where CUDA is, "
+        f"it took 15.2 minutes on a 2-core CPU machine, installs included); GPU tests run where CUDA is, "
         f"the rest skip with their reason",
         flush=True,
     )
