@@ -156,14 +156,12 @@ class Run(NamedTuple):
     def name(self):
         seed = " seeded" if self.seeded else ""
         clip = "" if self.clipped else " unclipped"
-        backend, path = self.column.rsplit(" ", 1)
-        return f"{self.model}/{self.flavor} {backend} {self.parallelism} {path} {self.corpus}{seed}{clip}"
+        return f"{self.model}/{self.flavor} {self.kernel} {self.parallelism} {self.path} {self.corpus}{seed}{clip}"
 
     @property
-    def column(self):
-        """Its column in the loss report."""
-        kernel = "" if self.varlen_kernel == "builtin" else f" {self.varlen_kernel}"
-        return f"{self.backend}{kernel} {self.path}"
+    def kernel(self):
+        """Its backend, and the varlen kernel where not the built-in one."""
+        return self.backend if self.varlen_kernel == "builtin" else f"{self.backend} {self.varlen_kernel}"
 
     @property
     def seed(self):
@@ -344,7 +342,7 @@ def write_report(losses, loss_table):
     for run, result in losses.items():
         start = (", from a seed checkpoint" if run.seeded else "") + ("" if run.clipped else ", unclipped")
         key = (run.model, run.flavor, run.parallelism, run.corpus + start)
-        groups.setdefault(key, {})[run.column] = result
+        groups.setdefault(key, {})[f"{run.kernel} {run.path}"] = result
     tables = []
     for (model, flavor, parallelism, corpus), columns in groups.items():
         failed = [f"- {name}: {result}" for name, result in columns.items() if isinstance(result, Exception)]
