@@ -26,12 +26,13 @@ TENSOR_PARALLEL = "torchtitan/distributed/tensor_parallel.py"
 TESTS = "tests/unit_tests"
 COMMON_ATTENTION = "torchtitan/models/common/attention.py"
 COMMON_DECODER = "torchtitan/models/common/decoder.py"
-REPLICATION_ON_FOUR_RANKS = f"{TESTS}/test_tp_kv_head_replication.py::test_replicated_kv_heads_match_one_process_on_four_ranks"
+SHARED_KV_HEADS = f"{TESTS}/test_tp_kv_head_replication.py::test_shared_kv_heads_train_as_one_process_on_four_ranks"
+SHARED_KV_HEADS_SPMD_TYPES = f"{SHARED_KV_HEADS}[spmd_types]"
+SHARED_KV_HEADS_PARTIAL_DTENSOR = f"{SHARED_KV_HEADS}[partial_dtensor]"
 # the reasons fork tests give when they catch a bug
 LAYOUT = "is above .* twice that of the same attention"
 REPEATED = r"K/V reach the kernel with \d+ heads, not n_kv_heads"
 NOT_CLOSE = "Tensor-likes are not close"
-NOT_EQUAL = "Tensor-likes are not equal"
 NOT_REFUSED = "DID NOT RAISE"
 
 
@@ -237,60 +238,68 @@ MUTATIONS = {
         f"{TESTS}/test_varlen_fa4.py::test_fa4_ops_meet_the_custom_op_contract",
         "test_faketensor failed",
     ),
-    "0.3.0: heads that do not group accepted by GQAttention": Mutation(
-        COMMON_ATTENTION,
-        "            if self.n_heads % n_kv_heads != 0:\n",
-        "            if False:\n",
-        f"{TESTS}/test_gqa_head_counts.py::test_heads_that_do_not_group_are_refused_for_every_projection",
-        NOT_REFUSED,
-        base="0.3.0",
-    ),
     "0.3.0: the TP check without the degrees that work": Mutation(
         COMMON_DECODER,
-        'f"with the KV head they attend to; use one of {degrees}"',
-        'f"with the KV head they attend to"',
-        f"{TESTS}/test_gqa_head_counts.py::test_tp_degrees_that_split_kv_heads_are_refused_with_those_that_work",
+        'f"tensor_parallel_degree ({tp}) {problem}; use one of {degrees}"',
+        'f"tensor_parallel_degree ({tp}) {problem}"',
+        f"{TESTS}/test_tp_degrees.py::test_tp_degrees_that_split_heads_are_refused_with_those_that_work",
         "Regex pattern did not match",
+        base="0.3.0",
+    ),
+    "0.3.0: LoRA's frozen base weights made trainable by spmd_types": Mutation(
+        "torchtitan/protocols/module.py",
+        "nn.Parameter(tensor, requires_grad=requires_grad)",
+        "nn.Parameter(tensor)",
+        f"{TESTS}/test_spmd_frozen_parameters.py",
+        r"AssertionError: \['layers",
         base="0.3.0",
     ),
     "0.3.0: TP degrees past n_kv_heads refused": Mutation(
         COMMON_DECODER,
-        "(n_kv_heads % tp and tp % n_kv_heads)",
-        "n_kv_heads % tp",
-        f"{TESTS}/test_tp_kv_head_replication.py::test_past_n_kv_heads_the_fused_projection_becomes_separate_with_its_weights",
-        "must divide n_heads",
+        "shares_kv_heads = n_heads % tp == 0 and tp % n_kv_heads == 0",
+        "shares_kv_heads = False",
+        f"{TESTS}/test_tp_degrees.py::test_qwen35_registered_configs_set_up_past_n_kv_heads",
+        "or be a multiple of it",
         base="0.3.0",
     ),
-    "0.3.0: a replicated KV head given to the wrong ranks": Mutation(
+    "0.3.0: ranks given another KV head than their query heads attend to": Mutation(
         COMMON_ATTENTION,
-        "self.local_kv_head = tp_rank // self.kv_head_replicas",
-        "self.local_kv_head = tp_rank % self.kv_head_replicas",
-        REPLICATION_ON_FOUR_RANKS,
+        "return KVHeadReplicas(count, tp_rank // count, tp_rank % count)",
+        "return KVHeadReplicas(count, tp_rank % count, tp_rank % count)",
+        SHARED_KV_HEADS_SPMD_TYPES,
         NOT_CLOSE,
         base="0.3.0",
     ),
-    "0.3.0: replicated K/V's gradient taken as replicated, not partial": Mutation(
+    "0.3.0: every rank sharing a fused KV group given its first query heads": Mutation(
         COMMON_ATTENTION,
-        "Partial() if i == tp else p for i, p in enumerate(x.placements)",
-        "p for p in x.placements",
-        REPLICATION_ON_FOUR_RANKS,
+        "q_start = group + replicas.replica * q_heads",
+        "q_start = group",
+        SHARED_KV_HEADS_PARTIAL_DTENSOR,
         NOT_CLOSE,
         base="0.3.0",
     ),
-    "0.3.0: spmd_types K/V head kept without its R -> V type": Mutation(
+    "0.3.0: a shared KV head's gradient taken as replicated, not partial": Mutation(
         COMMON_ATTENTION,
-        "            src=spmd.R,\n            dst=spmd.V,\n            expert_mode=True,",
-        "            src=spmd.R,\n            dst=spmd.R,",
-        REPLICATION_ON_FOUR_RANKS,
-        "SpmdTypeError",
+        "x_BLF.to_local(grad_placements=_with_tp_placement(x_BLF, Partial()))",
+        "x_BLF.to_local()",
+        SHARED_KV_HEADS_PARTIAL_DTENSOR,
+        NOT_CLOSE,
         base="0.3.0",
     ),
-    "0.3.0: the fused projection unfused with other initial weights": Mutation(
+    "0.3.0: spmd_types gathers a shared KV head without summing its gradient": Mutation(
         COMMON_ATTENTION,
-        "param_init = {n: f.qkv_init for n, f in wqkv.param_init.items()}",
-        "param_init = None",
-        f"{TESTS}/test_tp_kv_head_replication.py::test_past_n_kv_heads_the_fused_projection_becomes_separate_with_its_weights",
-        NOT_EQUAL,
+        "        dst=spmd.R,\n        backward_options",
+        "        dst=spmd.I,\n        backward_options",
+        SHARED_KV_HEADS_SPMD_TYPES,
+        NOT_CLOSE,
+        base="0.3.0",
+    ),
+    "0.3.0: Qwen3.5's ranks all attending to the first KV head": Mutation(
+        "torchtitan/models/qwen3_5/model.py",
+        "            kv_head = replicas.kv_head\n",
+        "            kv_head = 0\n",
+        SHARED_KV_HEADS_SPMD_TYPES,
+        NOT_CLOSE,
         base="0.3.0",
     ),
 }
