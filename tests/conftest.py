@@ -13,13 +13,16 @@ from gqa import bases  # noqa: E402
 
 
 def base_in(tmp_path, version):
-    """The base of `version` with a copy of its series, and its fork and
-    release path under tmp_path (the verified sdist is shared)."""
+    """The base of `version` with a copy of its series, and its fork, release
+    path and environment under tmp_path (the verified sdist is shared)."""
     real = bases.BASES[version]
     patches = tmp_path / "patches"
     shutil.copytree(real.patches, patches)
     release_path = real.release_path and tmp_path / "build" / real.release_path.name
-    return replace(real, patches=patches, fork=tmp_path / real.fork.name, release_path=release_path)
+    return replace(
+        real, patches=patches, fork=tmp_path / real.fork.name, release_path=release_path,
+        venv=tmp_path / "build" / real.venv.name,
+    )
 
 
 @pytest.fixture

@@ -1,13 +1,16 @@
 """The fork tooling: materialize, export, check, and that it never loses work."""
 
+import importlib.util
 import os
 import subprocess
 import sys
+import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from gqa import data, fork, install, release, ForkError
+from gqa import data, fork, install, release, runs, suites, ForkError
 from gqa.bases import BASES, DEFAULT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,14 +332,125 @@ def test_test_passes_other_arguments_to_pytest(cli, argv):
 
 def test_torch_spec_is_split_as_a_shell_would(base, monkeypatch):
     calls = []
-    versions = iter([None, "2.13.0+cpu"])
-    monkeypatch.setattr(install, "TORCH_SPEC", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
-    monkeypatch.setattr(install, "installed_version", lambda dist: next(versions) if dist == "torch" else "1.0")
-    monkeypatch.setattr(install, "pip", lambda *args: calls.append(args))
+    torch_versions = iter([None, "2.13.0+cpu"])
+
+    def installed_versions(base, names):
+        return {name: next(torch_versions) if name == "torch" else "1.0" for name in names}
+
+    base = replace(base, torch="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
+    monkeypatch.setattr(install, "installed_versions", installed_versions)
+    monkeypatch.setattr(install, "pip", lambda base, *args: calls.append(args))
     monkeypatch.setattr(install, "fork_imports_from_root", lambda base: True)
     base.fork.mkdir()
     install.install(base)
     assert calls == [("install", "torch==2.13.0", "--index-url", "https://download.pytorch.org/whl/cpu")]
+
+
+# ---- each base's environment: installing one never changes another's
+
+
+def probe_wheel(folder, version):
+    """A wheel of the package gqa-probe at `version`, made here: pip installs
+    it from `folder` without any index."""
+    folder.mkdir(exist_ok=True)
+    info = f"gqa_probe-{version}.dist-info"
+    files = {
+        "gqa_probe/__init__.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: gqa-probe\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(folder / f"gqa_probe-{version}-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+
+
+def probe_base(tmp_path, name, version):
+    """A base that is not installed into its environment, whose release
+    depends on gqa-probe==`version`."""
+    fork_folder = tmp_path / name / "fork"
+    fork_folder.mkdir(parents=True)
+    (fork_folder / "pyproject.toml").write_text(f'[project]\ndependencies = ["torch", "gqa-probe=={version}"]\n')
+    return replace(
+        BASES[DEFAULT], version=name, fork=fork_folder, venv=tmp_path / name / "venv", installed=False,
+        release_path=None,
+    )
+
+
+def probe_version(base):
+    return install.installed_versions(base, ["gqa-probe"])["gqa-probe"]
+
+
+@pytest.fixture
+def offline_pip(tmp_path, monkeypatch):
+    """pip that reaches no index: only the wheels in the folder it returns."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    return wheels
+
+
+def test_installing_one_base_never_changes_anothers_environment(tmp_path, offline_pip, monkeypatch):
+    for version in ("1.0", "2.0"):
+        probe_wheel(offline_pip, version)
+    first, second = probe_base(tmp_path, "first", "1.0"), probe_base(tmp_path, "second", "2.0")
+    install.install(first)
+    install.install(second)
+    assert (probe_version(first), probe_version(second)) == ("1.0", "2.0")
+    assert importlib.util.find_spec("gqa_probe") is None, "the Python that runs the tool changed"
+    # a suitable torch of the Python that runs the tool is used, not installed again
+    assert not list((first.venv / "lib").glob("python*/site-packages/torch"))
+
+    def no_pip(base, *args):
+        raise AssertionError(f"pip {args} for {base.venv}, where nothing is missing")
+
+    monkeypatch.setattr(install, "pip", no_pip)
+    assert "had all it needs" in install.install(first)
+    assert "had all it needs" in install.install(second)
+
+
+def test_a_base_whose_torch_cannot_be_installed_says_why(tmp_path, offline_pip):
+    base = replace(probe_base(tmp_path, "newer", "1.0"), min_torch=(99, 0), torch="torch==99.0")
+    with pytest.raises(ForkError, match=r"needs torch >= 99.0, and pip could not install 'torch==99.0' into \S+newer/venv"):
+        install.install_torch(base)
+
+
+def test_an_unreachable_torch_index_names_the_fallback(tmp_path, offline_pip):
+    base = replace(
+        probe_base(tmp_path, "cpu", "1.0"), min_torch=(99, 0),
+        torch=f"torch==99.0 --index-url {(tmp_path / 'no-index').as_uri()}",
+    )
+    with pytest.raises(ForkError) as error:
+        install.install_torch(base)
+    assert "cannot be reached, unset GQA_FORK_TORCH to install PyPI's torch==2.13.0" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_requirements_are_met_by_installed_versions_alone():
+    versions = {"datasets": "4.7.0", "torch": "2.14.1+cu130", "spmd-types": "0.2.3", "fla-core": None}
+    assert install.unmet(["datasets>=3.6.0,<4.8.0", "torch>=2.14", "spmd-types==0.2.*", "einops"], versions) == ["einops"]
+    assert install.unmet(["datasets>=3.6.0,<4.7.0", "torch~=2.13.0", "fla-core==0.6.0"], versions) == [
+        "datasets>=3.6.0,<4.7.0", "torch~=2.13.0", "fla-core==0.6.0"
+    ]
+
+
+def test_processes_of_a_base_run_in_its_environment(base, tmp_path):
+    """pytest, train_steps.py and the Trainer run with the base's Python, not
+    the one that runs the tool."""
+    calls = tmp_path / "calls"
+    base.python.parent.mkdir(parents=True)
+    base.python.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho \'{{"losses": [1.0]}}\'\n')
+    base.python.chmod(0o755)
+    base.fork.mkdir()
+    assert suites.pytest(base, tmp_path, ["-k", "nothing"]) == 0
+    assert runs.step_losses(base, base.fork, "--steps=1") == [1.0]
+    runs.run_trainer(base, base.fork, tmp_path / "config.toml", tmp_path / "dump", [])
+    lines = calls.read_text().splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["-m", "pytest"], [str(ROOT / "scripts" / "train_steps.py"), "--steps=1"], ["-m", "torch.distributed.run"]
+    ]
 
 
 def upstream_checkout(base, tmp_path, touched_edit=None):
