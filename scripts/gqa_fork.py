@@ -142,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     except ForkError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: the forks and the series were left whole, as they were or updated; "
+            f"run 'gqa_fork.py {args.command}' again to finish", file=sys.stderr,
+        )
+        return 130
     print(message)
     return 0
 

@@ -1,5 +1,6 @@
 import importlib.util
 import shutil
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -44,3 +45,23 @@ def cli():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def stand_in_repository(tmp_path):
+    """A clone-like copy of this repository under tmp_path: its scripts and
+    series (committed), and the verified sdists in build/, for running the CLI
+    without touching this repository; returns its root."""
+    repository = tmp_path / "repository"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("scripts", "patches"):
+        shutil.copytree(ROOT / folder, repository / folder, ignore=ignore)
+    shutil.copyfile(ROOT / ".gitignore", repository / ".gitignore")
+    (repository / "build").mkdir()
+    for base in bases.BASES.values():
+        if base.sdist_cache.exists():
+            (repository / "build" / base.sdist_name).symlink_to(base.sdist_cache)
+    identity = ["-c", "user.name=Dev", "-c", "user.email=dev@example.com"]
+    for args in (["init", "-q"], ["add", "-A"], [*identity, "commit", "-qm", "stand-in"]):
+        subprocess.run(["git", *args], cwd=repository, check=True, capture_output=True)
+    return repository

@@ -1,9 +1,12 @@
 """The fork tooling: materialize, export, check, and that it never loses work."""
 
 import importlib.util
+import itertools
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -76,15 +79,52 @@ def test_export_writes_new_commits_and_series(base):
     assert "up to date" in fork.materialize(base, base.fork, None, None, False)
 
 
-def test_export_of_a_partial_fork_needs_drop_missing(base):
+def test_export_of_a_partial_fork_needs_drop_missing_and_names_what_goes(base):
     fork.materialize(base, base.fork, "0001", None, False)
     series = fork.read_series(base)
-    with pytest.raises(ForkError, match=rf"holds 1 commit and .*series {len(series)} patches.*--drop-missing"):
+    lacking = ", ".join(series[1:])
+    with pytest.raises(ForkError) as refused:
         fork.export(base)
+    assert str(refused.value) == (
+        f"the fork holds the first 1 patch of the series' {len(series)} (it was made with --upto, or its update "
+        f"did not finish); run 'materialize' to bring it to the whole series, or pass --drop-missing to delete "
+        f"{lacking} from {base.patches}"
+    )
     assert fork.read_series(base) == series and all((base.patches / n).exists() for n in series)
-    fork.export(base, drop_missing=True)
+    message = fork.export(base, drop_missing=True)
+    assert f"deleted {lacking}: no commit of the fork makes them now; 'git checkout -- FILE' brings one back" in message
     assert fork.read_series(base) == series[:1]
     assert sorted(p.name for p in base.patches.glob("*.patch")) == series[:1]
+
+
+def test_a_fork_with_more_of_the_series_than_it_recorded_is_finished_not_refused(base):
+    """As an older tool left a fork whose update was stopped: some of the
+    series' commits past its sync record. They are the series' own."""
+    fork.materialize(base, base.fork, "0001", None, False)
+    series = fork.read_series(base)
+    patches = {p.name: p.read_bytes() for p in base.patches.iterdir()}
+    for name in series[1:4]:
+        git(base.fork, "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "am", "-q", "--keep-non-patch", str(base.patches / name))
+    assert f"0.2.1 + {len(series)} patches" in fork.materialize(base, base.fork, None, None, False)
+    assert {p.name: p.read_bytes() for p in base.patches.iterdir()} == patches
+    assert "up to date" in fork.materialize(base, base.fork, None, None, False)
+
+
+def test_a_fork_in_the_middle_of_git_am_says_how_to_finish_or_undo_it(base, tmp_path):
+    fork.materialize(base, base.fork, "0001", None, False)
+    series = fork.read_series(base)
+    text = (base.patches / series[1]).read_text()
+    context = text.index("\n ", text.index("\n@@"))
+    (tmp_path / "mine.patch").write_text(text[:context] + "\n NOT THE CONTEXT" + text[context + 2 :])
+    stuck = subprocess.run(
+        ["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "am", "-q", str(tmp_path / "mine.patch")],
+        cwd=base.fork, capture_output=True,
+    )
+    assert stuck.returncode != 0
+    with pytest.raises(ForkError, match=r"in the middle of a 'git am'; finish it \(git -C \S+ am --continue\) or undo it"):
+        fork.materialize(base, base.fork, None, None, False)
+    git(base.fork, "am", "--abort")
+    assert f"0.2.1 + {len(series)} patches" in fork.materialize(base, base.fork, None, None, False)
 
 
 def edit_patch(base, number):
@@ -675,3 +715,79 @@ def test_test_takes_sdist_and_upstream_only_with_a_base():
     proc = cli_run("test", "--upstream", "/nowhere")
     assert proc.returncode == 2
     assert "pass --base too" in proc.stderr.strip().splitlines()[-1]
+
+
+# ---- Ctrl-C: the fork and the series are left whole, and the next run finishes
+
+
+def interrupt_at_call(monkeypatch, owner, name, number):
+    """Ctrl-C (SIGINT to this process) just before the `number`th call of owner.name."""
+    original = getattr(owner, name)
+    calls = itertools.count(1)
+
+    def interrupting(*args, **kwargs):
+        if next(calls) == number:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupting)
+
+
+def test_ctrl_c_at_any_moment_of_an_update_leaves_the_fork_whole_and_resumable(base, monkeypatch):
+    series = fork.read_series(base)
+    patches = {p.name: p.read_bytes() for p in base.patches.iterdir()}
+    fork.materialize(base, base.fork, series[-2], None, False)
+    before = git(base.fork, "rev-parse", "HEAD")
+    for number in itertools.count(1):
+        with monkeypatch.context() as patched:
+            interrupt_at_call(patched, subprocess, "run", number)
+            try:
+                fork.materialize(base, base.fork, None, None, False)
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+        assert git(base.fork, "status", "--porcelain") == "", f"Ctrl-C at call {number}"
+        assert len(commits(base.fork)) in (len(series), len(series) + 1), f"Ctrl-C at call {number}"
+        assert f"0.2.1 + {len(series)} patches" in fork.materialize(base, base.fork, None, None, False), number
+        assert {p.name: p.read_bytes() for p in base.patches.iterdir()} == patches
+        if not interrupted:
+            break
+        fork.materialize(base, base.fork, series[-2], None, False)
+        assert git(base.fork, "rev-parse", "HEAD") == before
+    assert number > 5, "the update made fewer calls than expected; were they all interrupted?"
+
+
+def test_ctrl_c_during_export_writes_the_series_whole(base, monkeypatch):
+    fork.materialize(base, base.fork, None, None, False)
+    (base.fork / "NOTE.md").write_text("a change\n")
+    git(base.fork, "add", "NOTE.md")
+    git(base.fork, "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "commit", "-qm", "[docs] Add a note")
+    last = len(fork.read_series(base)) + 1
+    # whichever way a patch file is written, Ctrl-C comes as the new one is
+    interrupt_at_call(monkeypatch, fork.shutil, "copyfile", last)
+    interrupt_at_call(monkeypatch, Path, "replace", last)
+    with pytest.raises(KeyboardInterrupt):
+        fork.export(base)
+    monkeypatch.undo()
+    assert fork.read_series(base)[-1].endswith("-docs-Add-a-note.patch")
+    assert "up to date" in fork.materialize(base, base.fork, None, None, False)
+
+
+def test_ctrl_c_in_the_cli_prints_one_line_and_the_next_run_finishes(stand_in_repository):
+    cli = [sys.executable, str(stand_in_repository / "scripts" / "gqa_fork.py"), "materialize"]
+    the_fork = stand_in_repository / "torchtitan"
+    subprocess.run([*cli, "--upto", "0001"], check=True, capture_output=True)
+    before = git(the_fork, "rev-parse", "HEAD")
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C while the update applies the patches
+    while proc.poll() is None and not list((the_fork / ".git" / "worktrees").glob("*")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("interrupted: "), stderr
+    assert git(the_fork, "rev-parse", "HEAD") == before and git(the_fork, "status", "--porcelain") == ""
+    finished = subprocess.run(cli, capture_output=True, text=True)
+    series = (stand_in_repository / "patches" / "0.2.1" / "series").read_text().split()
+    assert finished.stdout.strip().endswith(f"0.2.1 + {len(series)} patches"), finished.stderr
+    assert git(stand_in_repository, "status", "--porcelain") == ""
