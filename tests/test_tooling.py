@@ -534,10 +534,8 @@ def test_upstream_that_differs_in_a_touched_file_is_refused(base, tmp_path):
 # ---- misuse: each of these once ended in a traceback, a wrong fork or false advice
 
 
-def cli_run(*args, **kwargs):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gqa_fork.py"), *args], capture_output=True, text=True, **kwargs
-    )
+def cli_run(*args, script=ROOT / "scripts" / "gqa_fork.py", **kwargs):
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, **kwargs)
 
 
 def test_a_failed_update_of_the_whole_fork_leaves_it_as_it_was(base):
@@ -584,6 +582,19 @@ def test_a_destination_that_is_or_holds_the_repository_is_refused(base, tmp_path
         with pytest.raises(ForkError, match=f"--dest {dest} {what}; pass a folder of the fork's own"):
             fork.materialize(base, dest, None, None, True)
     assert (repository / "patches").is_dir() and not list(tmp_path.glob("*.backup-*"))
+
+
+@pytest.mark.parametrize("discard", [False, True])
+@pytest.mark.parametrize("inside", ["scripts/gqa", "patches/0.2.1", "docs/new-folder", "torchtitan-0.3.0"])
+def test_a_destination_anywhere_inside_the_repository_is_refused(stand_in_repository, inside, discard):
+    before = subprocess.run(["git", "ls-files", "-s"], cwd=stand_in_repository, capture_output=True, text=True).stdout
+    proc = cli_run("materialize", "--dest", str(stand_in_repository / inside), *["--discard"] * discard,
+                   script=stand_in_repository / "scripts" / "gqa_fork.py")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1
+    assert f"--dest {stand_in_repository / inside} is inside this repository" in proc.stderr
+    assert git(stand_in_repository, "status", "--porcelain") == ""
+    assert git(stand_in_repository, "ls-files", "-s") == before
 
 
 def test_a_destination_under_a_file_is_refused(base, tmp_path):

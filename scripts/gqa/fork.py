@@ -342,12 +342,18 @@ def backup_name(dest: Path) -> Path:
     return next(c for c in candidates if not c.exists())
 
 
-def check_destination(dest: Path) -> None:
-    """A fork gets a folder of its own: not this repository, nor one that holds it."""
+def check_destination(base: Base, dest: Path) -> None:
+    """A fork gets a folder of its own: not this repository, nor one that holds
+    it, nor one inside it other than the base's own fork and release path."""
     if dest == ROOT or dest in ROOT.parents:
         raise ForkError(
             f"--dest {dest} is this repository{'' if dest == ROOT else ' or holds it'}; "
-            f"pass a folder of the fork's own, e.g. {ROOT / 'torchtitan'}"
+            f"pass a folder of the fork's own outside it, e.g. {ROOT.parent / 'torchtitan-fork'}"
+        )
+    if ROOT in dest.parents and dest not in (base.fork, base.release_path):
+        raise ForkError(
+            f"--dest {dest} is inside this repository, whose files it could replace; pass a folder outside "
+            f"it, e.g. {ROOT.parent / 'torchtitan-fork'}, or omit --dest for {base.fork}"
         )
     under_file = next((parent for parent in dest.parents if parent.exists() and not parent.is_dir()), None)
     if under_file is not None:
@@ -357,7 +363,7 @@ def check_destination(dest: Path) -> None:
 def materialize(
     base: Base, dest: Path, upto: str | None, sdist: Path | None, discard: bool, upstream: Path | None = None
 ) -> str:
-    check_destination(dest)
+    check_destination(base, dest)
     names = select_patches(base, upto)
     if sdist is not None:
         verified_sdist(base, sdist)
