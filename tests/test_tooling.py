@@ -802,3 +802,36 @@ def test_ctrl_c_in_the_cli_prints_one_line_and_the_next_run_finishes(stand_in_re
     series = (stand_in_repository / "patches" / "0.2.1" / "series").read_text().split()
     assert finished.stdout.strip().endswith(f"0.2.1 + {len(series)} patches"), finished.stderr
     assert git(stand_in_repository, "status", "--porcelain") == ""
+
+
+# ---- a damaged patch file is named as such, with the way back
+
+
+DAMAGES = {
+    "is empty": lambda text: "",
+    "is truncated: it ends inside a hunk": lambda text: text[: text.index("\n@@") + len(text) // 3],
+    "is not a patch (it has no mail header or no diff)": lambda text: "<html>Page not found</html>\n",
+}
+
+
+@pytest.mark.parametrize("problem", DAMAGES)
+def test_a_damaged_patch_is_named_with_the_way_back_and_no_loop(stand_in_repository, problem):
+    script = stand_in_repository / "scripts" / "gqa_fork.py"
+    assert cli_run("materialize", script=script).returncode == 0
+    (patch,) = (stand_in_repository / "patches" / "0.2.1").glob("0003-*.patch")
+    patch.write_text(DAMAGES[problem](patch.read_text()))
+    way_back = f"restore it with 'git checkout -- {patch}'"
+    for command in ("materialize", "export"):
+        proc = cli_run(command, script=script)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"{patch} {problem}; {way_back}" in proc.stderr, proc.stderr
+    subprocess.run(["git", "checkout", "--", str(patch)], cwd=stand_in_repository, check=True)
+    assert "up to date" in cli_run("materialize", script=script).stdout
+
+
+def test_a_patch_that_does_not_apply_names_the_way_back_not_export(base):
+    name = corrupt(base, "0002")
+    with pytest.raises(ForkError) as error:
+        fork.materialize(base, base.fork, None, None, False)
+    assert f"Mend the patch file, or restore it with 'git checkout -- {base.patches / name}'" in str(error.value)
+    assert "export" not in str(error.value)

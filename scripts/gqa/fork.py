@@ -88,6 +88,7 @@ def archive(repo: Path, commit: str, dest: Path, *paths: str) -> Path:
 
 
 def read_series(base: Base) -> list[str]:
+    """The series' patch names, once each is known to be a whole patch file."""
     if not base.series.is_file():
         raise ForkError(f"{base.series} does not exist; restore it (git checkout -- {base.patches})")
     names = [
@@ -96,9 +97,43 @@ def read_series(base: Base) -> list[str]:
         if line.strip() and not line.startswith("#")
     ]
     for name in names:
-        if not (base.patches / name).is_file():
+        path = base.patches / name
+        if not path.is_file():
             raise ForkError(f"{base.series} lists {name}, which is not in {base.patches}; restore it or remove the line")
+        problem = damage(path)
+        if problem:
+            raise ForkError(f"{path} {problem}; restore it with 'git checkout -- {path}', or mend it by hand")
     return names
+
+
+HUNK = re.compile(r"@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+
+
+def damage(path: Path) -> str | None:
+    """How a patch file differs from any that git format-patch writes, if it
+    does: empty, not a patch, or truncated (it ends inside a hunk)."""
+    data = path.read_bytes()
+    if not data.strip():
+        return "is empty"
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return "is not a patch (it is not text)"
+    if not text.startswith("From ") or "\ndiff --git " not in text:
+        return "is not a patch (it has no mail header or no diff)"
+    old = new = 0
+    for number, line in enumerate(text.split("\n")[:-1], start=1):
+        if old or new:
+            kind = line[:1]
+            if kind not in (" ", "", "-", "+", "\\"):
+                return f"is damaged: line {number} lies inside a hunk but is no hunk line"
+            old -= kind in (" ", "", "-")
+            new -= kind in (" ", "", "+")
+        elif hunk := HUNK.match(line):
+            old, new = (int(n) if n is not None else 1 for n in hunk.groups())
+    if old or new or not text.endswith("\n"):
+        return "is truncated: it ends inside a hunk"
+    return None
 
 
 def select_patches(base: Base, upto: str | None) -> list[str]:
@@ -241,8 +276,8 @@ def apply_patches(base: Base, fork: Path, names: list[str]) -> None:
             failed = re.findall(r"(?:patch failed|does not exist in index|already exists in working directory): (\S+)", proc.stderr + proc.stdout)
             where = f" at {failed[0]}" if failed else ""
             raise ForkError(
-                f"patch {name} does not apply{where}; the fork was left as it was. "
-                f"Regenerate it from a fork with 'export', or fix the patch file"
+                f"patch {name} does not apply{where}; the fork was left as it was. Mend the patch file, "
+                f"or restore it with 'git checkout -- {base.patches / name}'"
             )
 
 
