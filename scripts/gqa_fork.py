@@ -15,6 +15,7 @@ The work is done by the package scripts/gqa, one module per job.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = BASES[getattr(args, "base", None) or DEFAULT]
     try:
+        if shutil.which("git") is None:
+            raise ForkError("git is not installed (or not on PATH); install git, then run the command again")
         match args.command:
             case "materialize":
                 dest = (args.dest or base.fork).resolve()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import venv
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -661,6 +662,8 @@ def test_bad_arguments_end_in_one_line_that_says_what_to_do(args, message):
         (["--n-kv-heads", "0"], "argument --n-kv-heads: must be a whole number of 1 or more"),
         (["--n-heads", "16", "--n-kv-heads", "3"], "--n-heads 16 must be a multiple of --n-kv-heads 3"),
         (["--attn-type", "varlen"], "--attn-type varlen needs a CUDA device"),
+        (["--seq-len", "100000000"], "--seq-len 100000000 with --batch-size 2 needs at least 3063.7 GiB"),
+        (["--seq-len", "300000", "--batch-size", "1"], "the single_doc corpus holds 1 batches of --batch-size 1 x --seq-len 300000, fewer than --steps 5"),
     ],
 )
 def test_train_steps_refuses_bad_arguments_in_one_line(args, message):
@@ -835,3 +838,63 @@ def test_a_patch_that_does_not_apply_names_the_way_back_not_export(base):
         fork.materialize(base, base.fork, None, None, False)
     assert f"Mend the patch file, or restore it with 'git checkout -- {base.patches / name}'" in str(error.value)
     assert "export" not in str(error.value)
+
+
+# ---- prerequisites are checked first, and end in one line that says what to run
+
+
+@pytest.fixture
+def bare_python(tmp_path):
+    """The Python of a fresh virtual environment: no torch, no tokenizers."""
+    venv.EnvBuilder(with_pip=False).create(tmp_path / "bare")
+    return tmp_path / "bare" / "bin" / "python"
+
+
+@pytest.mark.parametrize(
+    "command,message",
+    [
+        ("train", "is not installed in {venv}, so training would not run it; run 'python3 scripts/gqa_fork.py setup'"),
+        ("data", "'data' trains the tokenizer with the tokenizers package, which {venv} lacks; run 'python3 scripts/gqa_fork.py install' first"),
+        ("check", "'check' runs each commit's tests in {venv}, but {venv} is not made; run 'python3 scripts/gqa_fork.py install --base 0.2.1' first"),
+        ("install", "{fork} does not exist; run 'materialize' first"),
+    ],
+)
+def test_a_command_without_its_prerequisites_says_what_to_run(stand_in_repository, bare_python, command, message):
+    proc = subprocess.run(
+        [bare_python, stand_in_repository / "scripts" / "gqa_fork.py", command], capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    where = {"venv": stand_in_repository / "build" / "venv-0.2.1", "fork": stand_in_repository / "torchtitan"}
+    assert message.format(**where) in proc.stderr
+
+
+def test_train_refuses_another_checkouts_fork(stand_in_repository):
+    """This checkout's environment sees a Python where another checkout's fork
+    is installed (the one these tests run in): train must not train that one."""
+    script = stand_in_repository / "scripts" / "gqa_fork.py"
+    stand_in = replace(
+        BASES[DEFAULT], fork=stand_in_repository / "torchtitan", venv=stand_in_repository / "build" / "venv-0.2.1"
+    )
+    install.make_environment(stand_in)
+    for materialized in (False, True):
+        if materialized:
+            assert cli_run("materialize", script=script).returncode == 0
+        proc = cli_run("train", "--steps", "1", script=script)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"this checkout's fork {stand_in.fork} is not installed in {stand_in.venv}" in proc.stderr
+
+
+def test_a_bad_sdist_is_never_advised_deleted(stand_in_repository, tmp_path):
+    script = stand_in_repository / "scripts" / "gqa_fork.py"
+    mine = tmp_path / "torchtitan-0.2.1.tar.gz"
+    mine.write_bytes(b"my own file")
+    proc = cli_run("materialize", "--sdist", str(mine), script=script)
+    assert "so it is not the release; pass PyPI's torchtitan-0.2.1.tar.gz, or omit --sdist to download it" in proc.stderr
+    cache = stand_in_repository / "build" / "torchtitan-0.2.1.tar.gz"
+    cache.unlink()
+    cache.write_bytes(b"a broken download")
+    proc = cli_run("materialize", script=script)
+    assert "so it is not the release; move it away and run again to download torchtitan-0.2.1.tar.gz" in proc.stderr
+    for message in (proc.stderr, cli_run("materialize", "--sdist", str(mine), script=script).stderr):
+        assert proc.stderr.count("\n") == 1 and "delete" not in message
+    assert mine.read_bytes() == b"my own file" and cache.read_bytes() == b"a broken download"
