@@ -4,7 +4,7 @@ torchtitan's Trainer needs CUDA; this runs anywhere, with whichever torchtitan
 is first on sys.path (the fork, or the 0.2.1 path beside it), and prints one
 JSON object: the loss of every step.
 
-    PYTHONPATH=torchtitan python3 scripts/train_steps.py --attn-type sdpa --steps 5
+    PYTHONPATH=torchtitan build/venv-0.2.1/bin/python scripts/train_steps.py --attn-type sdpa --steps 5
 """
 
 import argparse

@@ -898,3 +898,55 @@ def test_a_bad_sdist_is_never_advised_deleted(stand_in_repository, tmp_path):
     for message in (proc.stderr, cli_run("materialize", "--sdist", str(mine), script=script).stderr):
         assert proc.stderr.count("\n") == 1 and "delete" not in message
     assert mine.read_bytes() == b"my own file" and cache.read_bytes() == b"a broken download"
+
+
+# ---- the README's "Nothing is lost" list: each line, by its opening words, and the tests that hold it
+
+NOTHING_IS_LOST = {
+    "`materialize` refuses a fork with uncommitted changes": [
+        test_refuses_to_overwrite_uncommitted_work, test_refuses_commits_not_in_the_series,
+        test_a_fork_in_the_middle_of_git_am_says_how_to_finish_or_undo_it,
+        test_a_fork_with_more_of_the_series_than_it_recorded_is_finished_not_refused,
+        test_discard_keeps_a_backup_first, test_discard_with_a_patch_that_does_not_apply_keeps_the_fork,
+        test_backups_of_one_second_get_their_own_names, test_backups_are_git_ignored,
+    ],
+    "A destination that is this repository, holds it, or lies anywhere inside it": [
+        test_a_destination_that_is_or_holds_the_repository_is_refused,
+        test_a_destination_anywhere_inside_the_repository_is_refused,
+    ],
+    "Ctrl-C at any moment leaves the fork and the series whole": [
+        test_ctrl_c_at_any_moment_of_an_update_leaves_the_fork_whole_and_resumable,
+        test_ctrl_c_during_export_writes_the_series_whole,
+        test_ctrl_c_in_the_cli_prints_one_line_and_the_next_run_finishes,
+    ],
+    "The fork remembers the series and its own commits": [
+        test_a_hand_edited_patch_is_brought_into_the_fork_not_overwritten, test_a_hand_edit_to_a_patchs_code_sticks,
+        test_when_fork_and_patches_both_changed_nothing_is_overwritten,
+    ],
+    "`export` refuses a fork with fewer commits than the series": [
+        test_export_of_a_partial_fork_needs_drop_missing_and_names_what_goes, test_export_refuses_to_empty_the_series,
+    ],
+    "A patch file that is empty, truncated or not a patch": [
+        test_a_damaged_patch_is_named_with_the_way_back_and_no_loop,
+        test_a_patch_that_does_not_apply_names_the_way_back_not_export,
+        test_patch_that_does_not_apply_leaves_nothing_behind, test_failed_update_rolls_the_fork_back,
+        test_a_failed_update_of_the_whole_fork_leaves_it_as_it_was,
+    ],
+    "The sdist's sha256 is checked before anything is unpacked": [
+        test_hash_mismatch_stops_before_unpacking, test_bad_sdist_is_refused_even_when_the_fork_is_up_to_date,
+        test_a_bad_sdist_is_never_advised_deleted,
+    ],
+    "Installing one base never changes another's environment": [
+        test_installing_one_base_never_changes_anothers_environment,
+    ],
+    "`export` is byte-stable": [
+        test_export_round_trips_byte_for_byte, test_a_second_base_materializes_exports_and_checks_on_its_own,
+    ],
+}
+
+
+def test_every_line_of_nothing_is_lost_has_its_tests():
+    section = (ROOT / "README.md").read_text().split("Nothing is lost:\n", 1)[1].split("\n\n", 1)[0]
+    lines = [line[2:] for line in section.splitlines() if line.startswith("- ")]
+    promises = [next((promise for promise in NOTHING_IS_LOST if line.startswith(promise)), line) for line in lines]
+    assert promises == list(NOTHING_IS_LOST), "a line of the list without its tests here"
