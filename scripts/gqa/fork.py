@@ -498,19 +498,17 @@ def export(base: Base, drop_missing: bool = False) -> str:
     with tempfile.TemporaryDirectory(dir=base.patches, prefix=".export-") as tmp:
         names = format_patches(base, base.fork, Path(tmp))
         dropped = [name for name in old if name not in names]
-        if len(commits) < len(old):
-            texts = [(base.patches / name).read_text() for name in old]
+        if len(commits) < len(old) and not drop_missing:
+            prefix = commits == [(base.patches / name).read_text() for name in old[: len(commits)]]
             why = (
                 f"the fork holds the first {count(commits, 'patch')} of the series' {len(old)} "
                 f"(it was made with --upto, or its update did not finish)"
-                if commits == texts[: len(commits)] else
-                f"the fork holds {count(commits, 'commit')} and {base.series} {count(old, 'patch')}"
+                if prefix else f"the fork holds {count(commits, 'commit')} and {base.series} {count(old, 'patch')}"
             )
-            if not drop_missing:
-                raise ForkError(
-                    f"{why}; run 'materialize' to bring it to the whole series, or pass --drop-missing "
-                    f"to delete {', '.join(dropped)} from {base.patches}"
-                )
+            raise ForkError(
+                f"{why}; run 'materialize' to bring it to the whole series, or pass --drop-missing "
+                f"to delete {', '.join(dropped)} from {base.patches}"
+            )
         Path(tmp, "series").write_text("".join(f"{n}\n" for n in names))
         # the series is written whole: Ctrl-C waits for the renames
         with interrupts_deferred():
