@@ -6,9 +6,11 @@ The raw results go to docs/benchmark-<backend>.jsonl; the report (docs/benchmark
 and its plot (docs/benchmark.png) are made from all of them, so one backend can be
 measured again with --backends:
 
-    python3 scripts/gqa_fork.py materialize
+    python3 scripts/gqa_fork.py materialize && python3 scripts/gqa_fork.py install
     python3 scripts/gqa_fork.py materialize --upto 0001 --dest build/torchtitan-0.2.1-compat
-    python3 scripts/benchmark.py [--backends sdpa varlen flex] [--seq-lens 4096 ...] [--out docs]
+    build/venv-0.2.1/bin/python scripts/benchmark.py [--backends sdpa varlen flex] [--seq-lens 4096 ...] [--out docs]
+
+(the workers run in build/venv-0.2.1, the environment that `install` makes)
 
 Attention call: each fork's own Qwen3 `Attention.forward` from q/k/v to the
 output, with the projections returning prepared tensors and RoPE, q/k norm and
@@ -679,7 +681,7 @@ def measure_backends(args):
         raw.unlink(missing_ok=True)
         for name, path in PATHS.items():
             subprocess.run(
-                [sys.executable, __file__, "--worker", name, backend, "--out", str(raw),
+                [BASE.python, __file__, "--worker", name, backend, "--out", str(raw),
                  "--seq-lens", *map(str, args.seq_lens), "--command", args.command],
                 env=worker_env(path), check=True,
             )
@@ -695,7 +697,7 @@ def measure_compiled(args):
         name, backend = job
         parts[job].unlink(missing_ok=True)
         subprocess.run(
-            [sys.executable, __file__, "--worker", name, backend, "--out", str(parts[job]),
+            [BASE.python, __file__, "--worker", name, backend, "--out", str(parts[job]),
              "--step-variants", *STEP_VARIANTS, "--command", args.command],
             env={**worker_env(PATHS[name]), "CUDA_VISIBLE_DEVICES": gpus}, check=True,
         )
@@ -737,7 +739,7 @@ def measure_trainer(args):
         with tempfile.TemporaryDirectory() as dump:
             try:
                 log = runs.run_trainer(
-                    PATHS[path], ROOT / "configs" / "qwen3_debugmodel_sdpa.toml", Path(dump),
+                    BASE, PATHS[path], ROOT / "configs" / "qwen3_debugmodel_sdpa.toml", Path(dump),
                     [*overrides, "--model.name=qwen3_gqa", f"--model.flavor={flavor}{TRAINER_SUFFIX[backend]}",
                      "--experimental.custom_import=gqa_flavors", f"--training.seq_len={seq_len}",
                      "--training.local_batch_size=1", f"--training.steps={TRAINER_STEPS}",

@@ -1,9 +1,9 @@
 """FlashAttention-4 against torch's built-in varlen kernel (FlashAttention-2), one GPU.
 
-Needs the series fork installed (`gqa_fork.py install`) and flash-attn-4 on an
+Needs the series fork installed (`gqa_fork.py install`, into build/venv-0.2.1) and flash-attn-4 on an
 sm90+ GPU; writes docs/varlen-fa4.jsonl and the table docs/varlen-fa4.md:
 
-    python3 scripts/benchmark_fa4.py [--seq-lens 8192 32768] [--out docs]
+    build/venv-0.2.1/bin/python scripts/benchmark_fa4.py [--seq-lens 8192 32768] [--out docs]
 
 Attention call: the series' VarlenAttentionWrapper, forward + backward, bf16,
 packed documents, head_dim 128. Training step: Qwen3Model with the 4B widths

@@ -15,6 +15,7 @@ The work is done by the package scripts/gqa, one module per job.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,8 +26,11 @@ DATA = ROOT / "data"
 
 
 TORCH_NOTE = (
-    "torch: a torch the release supports is kept; otherwise GQA_FORK_TORCH is installed, "
-    "split as a shell would (default 'torch==2.13.0'; on a CPU-only machine e.g. "
+    "Each release gets a virtual environment of its own, build/venv-<release>, made by the tool; it sees "
+    "the packages of the Python that runs the tool, and only what is missing is installed into it. "
+    "torch: one the release supports is kept; otherwise the release's torch is installed ("
+    + "; ".join(f"{base.version}: '{base.torch}'" for base in BASES.values())
+    + f"; {DEFAULT}'s is GQA_FORK_TORCH where set, split as a shell would, e.g. on a CPU-only machine "
     "'torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu')"
 )
 
@@ -61,8 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="let a fork with fewer commits than the series delete the patches it lacks")
     sdist_option(command("check", "apply the series to a pristine release in a temporary folder, check that it "
                          "round-trips through export, and run each commit's own tests at that commit"))
-    command("install", "pip-install torch (if needed), triton, the fork (editable for 0.2.1; the "
-            "release's dependencies for the others) and the test tools", epilog=TORCH_NOTE)
+    command("install", "make the release's environment (build/venv-<release>) and pip-install into it what "
+            "it lacks of torch, triton, the fork (editable for 0.2.1; the release's dependencies for the others), "
+            "the release's test requirements and the test tools", epilog=TORCH_NOTE)
     command("data", "regenerate the bundled tokenizer and corpora in data/", bases=())
     # the main job trains the configs of the fork installed into Python
     trainable = tuple(version for version, base in BASES.items() if base.installed)
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = BASES[getattr(args, "base", None) or DEFAULT]
     try:
+        if shutil.which("git") is None:
+            raise ForkError("git is not installed (or not on PATH); install git, then run the command again")
         match args.command:
             case "materialize":
                 dest = (args.dest or base.fork).resolve()
@@ -109,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             case "export":
                 message = fork.export(base, args.drop_missing)
             case "check":
+                unmet = suites.unmet_requirement(base)
+                if unmet:
+                    raise ForkError(
+                        f"'check' runs each commit's tests in {base.venv}, but {unmet}; "
+                        f"run 'python3 scripts/gqa_fork.py install --base {base.version}' first"
+                    )
                 with fork.checked_series(base, args.sdist) as built:
                     print(f"the series applies to pristine torchtitan {base.version} and round-trips through export")
                     failed, report = suites.each_commit_passes_its_tests(base, built, [], skip_last=False)
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             case "install":
                 message = install.install(base)
             case "data":
-                message = data.make_data(DATA)
+                message = data.make_data_in(BASES[DEFAULT], DATA)
             case "train":
                 message = runs.main_job(base, args.steps)
             case "setup":
@@ -132,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     except ForkError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: the forks and the series were left whole, as they were or updated; "
+            f"run 'gqa_fork.py {args.command}' again to finish", file=sys.stderr,
+        )
+        return 130
     print(message)
     return 0
 

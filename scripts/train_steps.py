@@ -4,11 +4,13 @@ torchtitan's Trainer needs CUDA; this runs anywhere, with whichever torchtitan
 is first on sys.path (the fork, or the 0.2.1 path beside it), and prints one
 JSON object: the loss of every step.
 
-    PYTHONPATH=torchtitan python3 scripts/train_steps.py --attn-type sdpa --steps 5
+    PYTHONPATH=torchtitan build/venv-0.2.1/bin/python scripts/train_steps.py --attn-type sdpa --steps 5
 """
 
 import argparse
+import itertools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from torchtitan.models.attention import FlexAttentionWrapper
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs
 
 DATA = Path(__file__).resolve().parent.parent / "data"
+VOCAB_SIZE, HEAD_DIM = 2048, 32
 
 
 class EosOnly:
@@ -62,13 +65,32 @@ def main() -> None:
     if args.attn_type == "varlen" and args.device == "cpu":
         parser.error("--attn-type varlen needs a CUDA device (varlen_attn is a CUDA kernel); pass --device cuda on a GPU machine")
 
+    # a lower bound: the float32 logits and their gradient, and the RoPE table
+    needed = args.seq_len * (args.batch_size * VOCAB_SIZE * 4 * 2 + HEAD_DIM // 2 * 8)
+    memory = (
+        torch.cuda.get_device_properties(0).total_memory if args.device != "cpu"
+        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    )
+    if needed > memory:
+        parser.error(
+            f"--seq-len {args.seq_len} with --batch-size {args.batch_size} needs at least {needed / 2**30:.1f} GiB "
+            f"(logits, their gradient, RoPE table), and this {args.device} has {memory / 2**30:.1f} GiB; "
+            f"pass a smaller --seq-len or --batch-size"
+        )
+    data = list(itertools.islice(batches(args.corpus, args.batch_size, args.seq_len), args.steps))
+    if len(data) < args.steps:
+        parser.error(
+            f"the {args.corpus} corpus holds {len(data)} batches of --batch-size {args.batch_size} x --seq-len "
+            f"{args.seq_len}, fewer than --steps {args.steps}; pass fewer steps or a smaller size"
+        )
+
     # the wrapper's max-autotune compile tunes for a minute or more per run on a
     # GPU, and a few steps gain nothing from it
     FlexAttentionWrapper._compiled_flex_attn = torch.compile(flex_attention)
     torch.manual_seed(0)
     model_args = Qwen3ModelArgs(
-        vocab_size=2048, dim=256, n_layers=4, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-        head_dim=32, hidden_dim=512, max_seq_len=args.seq_len,
+        vocab_size=VOCAB_SIZE, dim=256, n_layers=4, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+        head_dim=HEAD_DIM, hidden_dim=512, max_seq_len=args.seq_len,
         attn_type=args.attn_type,
         attn_mask_type="causal" if args.attn_type == "sdpa" else "block_causal",
     )
@@ -77,8 +99,7 @@ def main() -> None:
     model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    data = batches(args.corpus, args.batch_size, args.seq_len)
-    for _, (inputs, labels, eos_id) in zip(range(args.steps), data):
+    for inputs, labels, eos_id in data:
         inputs, labels = inputs.to(args.device), labels.to(args.device)
         masks = None if args.attn_type == "sdpa" else model.get_attention_masks(inputs, EosOnly(eos_id))
         with torch.set_grad_enabled(not args.forward_only):

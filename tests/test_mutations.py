@@ -10,7 +10,6 @@ import functools
 import os
 import re
 import subprocess
-import sys
 from typing import NamedTuple
 
 import pytest
@@ -310,10 +309,10 @@ def scratch_fork(base, folder):
     return archive(base.fork, "HEAD", folder)
 
 
-def run_fork_tests(fork, tests, report):
-    """pytest over `tests` in `fork`; the outcome of each test."""
+def run_fork_tests(base, fork, tests, report):
+    """pytest over `tests` in `fork`, in the base's environment; the outcome of each test."""
     subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *tests],
+        [base.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *tests],
         cwd=fork, env={**os.environ, "PYTHONPATH": str(fork)}, capture_output=True, text=True,
     )
     return junit_outcomes(report)
@@ -347,7 +346,7 @@ def unmutated(tmp_path_factory):
             if all(selected(outcomes, test) for test in tests):
                 return outcomes
         folder = tmp_path_factory.mktemp(f"unmutated-{version}")
-        return run_fork_tests(scratch_fork(base, folder / "torchtitan"), tests, folder / "report.xml")
+        return run_fork_tests(base, scratch_fork(base, folder / "torchtitan"), tests, folder / "report.xml")
 
     return outcomes_of
 
@@ -374,7 +373,7 @@ def test_mutation_fails_its_test(tmp_path, unmutated, name):
     assert text.count(mutation.code) == 1, f"{name}: the code it mutates is not in {mutation.path} once; update MUTATIONS"
     source.write_text(text.replace(mutation.code, mutation.mutated))
 
-    after = selected(run_fork_tests(fork, [mutation.test], tmp_path / "report.xml"), mutation.test)
+    after = selected(run_fork_tests(base, fork, [mutation.test], tmp_path / "report.xml"), mutation.test)
     assert after, f"{name}: {mutation.test} selects no test of the mutated fork (did collection fail?)"
     failures = [outcome for outcome in after.values() if outcome.kind in ("failure", "error")]
     assert failures, f"{name}: every test of {mutation.test} passed on the mutated fork"

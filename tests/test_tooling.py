@@ -1,13 +1,20 @@
 """The fork tooling: materialize, export, check, and that it never loses work."""
 
+import importlib.util
+import itertools
 import os
+import signal
 import subprocess
 import sys
+import time
+import venv
+import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from gqa import data, fork, install, release, ForkError
+from gqa import data, fork, install, release, runs, suites, ForkError
 from gqa.bases import BASES, DEFAULT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,15 +80,52 @@ def test_export_writes_new_commits_and_series(base):
     assert "up to date" in fork.materialize(base, base.fork, None, None, False)
 
 
-def test_export_of_a_partial_fork_needs_drop_missing(base):
+def test_export_of_a_partial_fork_needs_drop_missing_and_names_what_goes(base):
     fork.materialize(base, base.fork, "0001", None, False)
     series = fork.read_series(base)
-    with pytest.raises(ForkError, match=rf"holds 1 commit and .*series {len(series)} patches.*--drop-missing"):
+    lacking = ", ".join(series[1:])
+    with pytest.raises(ForkError) as refused:
         fork.export(base)
+    assert str(refused.value) == (
+        f"the fork holds the first 1 patch of the series' {len(series)} (it was made with --upto, or its update "
+        f"did not finish); run 'materialize' to bring it to the whole series, or pass --drop-missing to delete "
+        f"{lacking} from {base.patches}"
+    )
     assert fork.read_series(base) == series and all((base.patches / n).exists() for n in series)
-    fork.export(base, drop_missing=True)
+    message = fork.export(base, drop_missing=True)
+    assert f"deleted {lacking}: no commit of the fork makes them now; 'git checkout -- FILE' brings one back" in message
     assert fork.read_series(base) == series[:1]
     assert sorted(p.name for p in base.patches.glob("*.patch")) == series[:1]
+
+
+def test_a_fork_with_more_of_the_series_than_it_recorded_is_finished_not_refused(base):
+    """As an older tool left a fork whose update was stopped: some of the
+    series' commits past its sync record. They are the series' own."""
+    fork.materialize(base, base.fork, "0001", None, False)
+    series = fork.read_series(base)
+    patches = {p.name: p.read_bytes() for p in base.patches.iterdir()}
+    for name in series[1:4]:
+        git(base.fork, "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "am", "-q", "--keep-non-patch", str(base.patches / name))
+    assert f"0.2.1 + {len(series)} patches" in fork.materialize(base, base.fork, None, None, False)
+    assert {p.name: p.read_bytes() for p in base.patches.iterdir()} == patches
+    assert "up to date" in fork.materialize(base, base.fork, None, None, False)
+
+
+def test_a_fork_in_the_middle_of_git_am_says_how_to_finish_or_undo_it(base, tmp_path):
+    fork.materialize(base, base.fork, "0001", None, False)
+    series = fork.read_series(base)
+    text = (base.patches / series[1]).read_text()
+    context = text.index("\n ", text.index("\n@@"))
+    (tmp_path / "mine.patch").write_text(text[:context] + "\n NOT THE CONTEXT" + text[context + 2 :])
+    stuck = subprocess.run(
+        ["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "am", "-q", str(tmp_path / "mine.patch")],
+        cwd=base.fork, capture_output=True,
+    )
+    assert stuck.returncode != 0
+    with pytest.raises(ForkError, match=r"in the middle of a 'git am'; finish it \(git -C \S+ am --continue\) or undo it"):
+        fork.materialize(base, base.fork, None, None, False)
+    git(base.fork, "am", "--abort")
+    assert f"0.2.1 + {len(series)} patches" in fork.materialize(base, base.fork, None, None, False)
 
 
 def edit_patch(base, number):
@@ -329,14 +373,125 @@ def test_test_passes_other_arguments_to_pytest(cli, argv):
 
 def test_torch_spec_is_split_as_a_shell_would(base, monkeypatch):
     calls = []
-    versions = iter([None, "2.13.0+cpu"])
-    monkeypatch.setattr(install, "TORCH_SPEC", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
-    monkeypatch.setattr(install, "installed_version", lambda dist: next(versions) if dist == "torch" else "1.0")
-    monkeypatch.setattr(install, "pip", lambda *args: calls.append(args))
+    torch_versions = iter([None, "2.13.0+cpu"])
+
+    def installed_versions(base, names):
+        return {name: next(torch_versions) if name == "torch" else "1.0" for name in names}
+
+    base = replace(base, torch="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
+    monkeypatch.setattr(install, "installed_versions", installed_versions)
+    monkeypatch.setattr(install, "pip", lambda base, *args: calls.append(args))
     monkeypatch.setattr(install, "fork_imports_from_root", lambda base: True)
     base.fork.mkdir()
     install.install(base)
     assert calls == [("install", "torch==2.13.0", "--index-url", "https://download.pytorch.org/whl/cpu")]
+
+
+# ---- each base's environment: installing one never changes another's
+
+
+def probe_wheel(folder, version):
+    """A wheel of the package gqa-probe at `version`, made here: pip installs
+    it from `folder` without any index."""
+    folder.mkdir(exist_ok=True)
+    info = f"gqa_probe-{version}.dist-info"
+    files = {
+        "gqa_probe/__init__.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: gqa-probe\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(folder / f"gqa_probe-{version}-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+
+
+def probe_base(tmp_path, name, version):
+    """A base that is not installed into its environment, whose release
+    depends on gqa-probe==`version`."""
+    fork_folder = tmp_path / name / "fork"
+    fork_folder.mkdir(parents=True)
+    (fork_folder / "pyproject.toml").write_text(f'[project]\ndependencies = ["torch", "gqa-probe=={version}"]\n')
+    return replace(
+        BASES[DEFAULT], version=name, fork=fork_folder, venv=tmp_path / name / "venv", installed=False,
+        release_path=None,
+    )
+
+
+def probe_version(base):
+    return install.installed_versions(base, ["gqa-probe"])["gqa-probe"]
+
+
+@pytest.fixture
+def offline_pip(tmp_path, monkeypatch):
+    """pip that reaches no index: only the wheels in the folder it returns."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    return wheels
+
+
+def test_installing_one_base_never_changes_anothers_environment(tmp_path, offline_pip, monkeypatch):
+    for version in ("1.0", "2.0"):
+        probe_wheel(offline_pip, version)
+    first, second = probe_base(tmp_path, "first", "1.0"), probe_base(tmp_path, "second", "2.0")
+    install.install(first)
+    install.install(second)
+    assert (probe_version(first), probe_version(second)) == ("1.0", "2.0")
+    assert importlib.util.find_spec("gqa_probe") is None, "the Python that runs the tool changed"
+    # a suitable torch of the Python that runs the tool is used, not installed again
+    assert not list((first.venv / "lib").glob("python*/site-packages/torch"))
+
+    def no_pip(base, *args):
+        raise AssertionError(f"pip {args} for {base.venv}, where nothing is missing")
+
+    monkeypatch.setattr(install, "pip", no_pip)
+    assert "had all it needs" in install.install(first)
+    assert "had all it needs" in install.install(second)
+
+
+def test_a_base_whose_torch_cannot_be_installed_says_why(tmp_path, offline_pip):
+    base = replace(probe_base(tmp_path, "newer", "1.0"), min_torch=(99, 0), torch="torch==99.0")
+    with pytest.raises(ForkError, match=r"needs torch >= 99.0, and pip could not install 'torch==99.0' into \S+newer/venv"):
+        install.install_torch(base)
+
+
+def test_an_unreachable_torch_index_names_the_fallback(tmp_path, offline_pip):
+    base = replace(
+        probe_base(tmp_path, "cpu", "1.0"), min_torch=(99, 0),
+        torch=f"torch==99.0 --index-url {(tmp_path / 'no-index').as_uri()}",
+    )
+    with pytest.raises(ForkError) as error:
+        install.install_torch(base)
+    assert "cannot be reached, unset GQA_FORK_TORCH to install PyPI's torch==2.13.0" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_requirements_are_met_by_installed_versions_alone():
+    versions = {"datasets": "4.7.0", "torch": "2.14.1+cu130", "spmd-types": "0.2.3", "fla-core": None}
+    assert install.unmet(["datasets>=3.6.0,<4.8.0", "torch>=2.14", "spmd-types==0.2.*", "einops"], versions) == ["einops"]
+    assert install.unmet(["datasets>=3.6.0,<4.7.0", "torch~=2.13.0", "fla-core==0.6.0"], versions) == [
+        "datasets>=3.6.0,<4.7.0", "torch~=2.13.0", "fla-core==0.6.0"
+    ]
+
+
+def test_processes_of_a_base_run_in_its_environment(base, tmp_path):
+    """pytest, train_steps.py and the Trainer run with the base's Python, not
+    the one that runs the tool."""
+    calls = tmp_path / "calls"
+    base.python.parent.mkdir(parents=True)
+    base.python.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho \'{{"losses": [1.0]}}\'\n')
+    base.python.chmod(0o755)
+    base.fork.mkdir()
+    assert suites.pytest(base, tmp_path, ["-k", "nothing"]) == 0
+    assert runs.step_losses(base, base.fork, "--steps=1") == [1.0]
+    runs.run_trainer(base, base.fork, tmp_path / "config.toml", tmp_path / "dump", [])
+    lines = calls.read_text().splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["-m", "pytest"], [str(ROOT / "scripts" / "train_steps.py"), "--steps=1"], ["-m", "torch.distributed.run"]
+    ]
 
 
 def upstream_checkout(base, tmp_path, touched_edit=None):
@@ -380,10 +535,8 @@ def test_upstream_that_differs_in_a_touched_file_is_refused(base, tmp_path):
 # ---- misuse: each of these once ended in a traceback, a wrong fork or false advice
 
 
-def cli_run(*args, **kwargs):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gqa_fork.py"), *args], capture_output=True, text=True, **kwargs
-    )
+def cli_run(*args, script=ROOT / "scripts" / "gqa_fork.py", **kwargs):
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, **kwargs)
 
 
 def test_a_failed_update_of_the_whole_fork_leaves_it_as_it_was(base):
@@ -430,6 +583,19 @@ def test_a_destination_that_is_or_holds_the_repository_is_refused(base, tmp_path
         with pytest.raises(ForkError, match=f"--dest {dest} {what}; pass a folder of the fork's own"):
             fork.materialize(base, dest, None, None, True)
     assert (repository / "patches").is_dir() and not list(tmp_path.glob("*.backup-*"))
+
+
+@pytest.mark.parametrize("discard", [False, True])
+@pytest.mark.parametrize("inside", ["scripts/gqa", "patches/0.2.1", "docs/new-folder", "torchtitan-0.3.0"])
+def test_a_destination_anywhere_inside_the_repository_is_refused(stand_in_repository, inside, discard):
+    before = subprocess.run(["git", "ls-files", "-s"], cwd=stand_in_repository, capture_output=True, text=True).stdout
+    proc = cli_run("materialize", "--dest", str(stand_in_repository / inside), *["--discard"] * discard,
+                   script=stand_in_repository / "scripts" / "gqa_fork.py")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1
+    assert f"--dest {stand_in_repository / inside} is inside this repository" in proc.stderr
+    assert git(stand_in_repository, "status", "--porcelain") == ""
+    assert git(stand_in_repository, "ls-files", "-s") == before
 
 
 def test_a_destination_under_a_file_is_refused(base, tmp_path):
@@ -496,6 +662,8 @@ def test_bad_arguments_end_in_one_line_that_says_what_to_do(args, message):
         (["--n-kv-heads", "0"], "argument --n-kv-heads: must be a whole number of 1 or more"),
         (["--n-heads", "16", "--n-kv-heads", "3"], "--n-heads 16 must be a multiple of --n-kv-heads 3"),
         (["--attn-type", "varlen"], "--attn-type varlen needs a CUDA device"),
+        (["--seq-len", "100000000"], "--seq-len 100000000 with --batch-size 2 needs at least 3063.7 GiB"),
+        (["--seq-len", "300000", "--batch-size", "1"], "the single_doc corpus holds 1 batches of --batch-size 1 x --seq-len 300000, fewer than --steps 5"),
     ],
 )
 def test_train_steps_refuses_bad_arguments_in_one_line(args, message):
@@ -561,3 +729,224 @@ def test_test_takes_sdist_and_upstream_only_with_a_base():
     proc = cli_run("test", "--upstream", "/nowhere")
     assert proc.returncode == 2
     assert "pass --base too" in proc.stderr.strip().splitlines()[-1]
+
+
+# ---- Ctrl-C: the fork and the series are left whole, and the next run finishes
+
+
+def interrupt_at_call(monkeypatch, owner, name, number):
+    """Ctrl-C (SIGINT to this process) just before the `number`th call of owner.name."""
+    original = getattr(owner, name)
+    calls = itertools.count(1)
+
+    def interrupting(*args, **kwargs):
+        if next(calls) == number:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupting)
+
+
+def test_ctrl_c_at_any_moment_of_an_update_leaves_the_fork_whole_and_resumable(base, monkeypatch):
+    series = fork.read_series(base)
+    patches = {p.name: p.read_bytes() for p in base.patches.iterdir()}
+    fork.materialize(base, base.fork, series[-2], None, False)
+    before = git(base.fork, "rev-parse", "HEAD")
+    for number in itertools.count(1):
+        with monkeypatch.context() as patched:
+            interrupt_at_call(patched, subprocess, "run", number)
+            try:
+                fork.materialize(base, base.fork, None, None, False)
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+        assert git(base.fork, "status", "--porcelain") == "", f"Ctrl-C at call {number}"
+        assert len(commits(base.fork)) in (len(series), len(series) + 1), f"Ctrl-C at call {number}"
+        assert f"0.2.1 + {len(series)} patches" in fork.materialize(base, base.fork, None, None, False), number
+        assert {p.name: p.read_bytes() for p in base.patches.iterdir()} == patches
+        if not interrupted:
+            break
+        fork.materialize(base, base.fork, series[-2], None, False)
+        assert git(base.fork, "rev-parse", "HEAD") == before
+    assert number > 5, "the update made fewer calls than expected; were they all interrupted?"
+
+
+def test_ctrl_c_during_export_writes_the_series_whole(base, monkeypatch):
+    fork.materialize(base, base.fork, None, None, False)
+    (base.fork / "NOTE.md").write_text("a change\n")
+    git(base.fork, "add", "NOTE.md")
+    git(base.fork, "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "commit", "-qm", "[docs] Add a note")
+    last = len(fork.read_series(base)) + 1
+    # whichever way a patch file is written, Ctrl-C comes as the new one is
+    interrupt_at_call(monkeypatch, fork.shutil, "copyfile", last)
+    interrupt_at_call(monkeypatch, Path, "replace", last)
+    with pytest.raises(KeyboardInterrupt):
+        fork.export(base)
+    monkeypatch.undo()
+    assert fork.read_series(base)[-1].endswith("-docs-Add-a-note.patch")
+    assert "up to date" in fork.materialize(base, base.fork, None, None, False)
+
+
+def test_ctrl_c_in_the_cli_prints_one_line_and_the_next_run_finishes(stand_in_repository):
+    cli = [sys.executable, str(stand_in_repository / "scripts" / "gqa_fork.py"), "materialize"]
+    the_fork = stand_in_repository / "torchtitan"
+    subprocess.run([*cli, "--upto", "0001"], check=True, capture_output=True)
+    before = git(the_fork, "rev-parse", "HEAD")
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C while the update applies the patches
+    while proc.poll() is None and not list((the_fork / ".git" / "worktrees").glob("*")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("interrupted: "), stderr
+    assert git(the_fork, "rev-parse", "HEAD") == before and git(the_fork, "status", "--porcelain") == ""
+    finished = subprocess.run(cli, capture_output=True, text=True)
+    series = (stand_in_repository / "patches" / "0.2.1" / "series").read_text().split()
+    assert finished.stdout.strip().endswith(f"0.2.1 + {len(series)} patches"), finished.stderr
+    assert git(stand_in_repository, "status", "--porcelain") == ""
+
+
+# ---- a damaged patch file is named as such, with the way back
+
+
+DAMAGES = {
+    "is empty": lambda text: "",
+    "is truncated: it ends inside a hunk": lambda text: text[: text.index("\n@@") + len(text) // 3],
+    "is not a patch (it has no mail header or no diff)": lambda text: "<html>Page not found</html>\n",
+}
+
+
+@pytest.mark.parametrize("problem", DAMAGES)
+def test_a_damaged_patch_is_named_with_the_way_back_and_no_loop(stand_in_repository, problem):
+    script = stand_in_repository / "scripts" / "gqa_fork.py"
+    assert cli_run("materialize", script=script).returncode == 0
+    (patch,) = (stand_in_repository / "patches" / "0.2.1").glob("0003-*.patch")
+    patch.write_text(DAMAGES[problem](patch.read_text()))
+    way_back = f"restore it with 'git checkout -- {patch}'"
+    for command in ("materialize", "export"):
+        proc = cli_run(command, script=script)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"{patch} {problem}; {way_back}" in proc.stderr, proc.stderr
+    subprocess.run(["git", "checkout", "--", str(patch)], cwd=stand_in_repository, check=True)
+    assert "up to date" in cli_run("materialize", script=script).stdout
+
+
+def test_a_patch_that_does_not_apply_names_the_way_back_not_export(base):
+    name = corrupt(base, "0002")
+    with pytest.raises(ForkError) as error:
+        fork.materialize(base, base.fork, None, None, False)
+    assert f"Mend the patch file, or restore it with 'git checkout -- {base.patches / name}'" in str(error.value)
+    assert "export" not in str(error.value)
+
+
+# ---- prerequisites are checked first, and end in one line that says what to run
+
+
+@pytest.fixture
+def bare_python(tmp_path):
+    """The Python of a fresh virtual environment: no torch, no tokenizers."""
+    venv.EnvBuilder(with_pip=False).create(tmp_path / "bare")
+    return tmp_path / "bare" / "bin" / "python"
+
+
+@pytest.mark.parametrize(
+    "command,message",
+    [
+        ("train", "is not installed in {venv}, so training would not run it; run 'python3 scripts/gqa_fork.py setup'"),
+        ("data", "'data' trains the tokenizer with the tokenizers package, which {venv} lacks; run 'python3 scripts/gqa_fork.py install' first"),
+        ("check", "'check' runs each commit's tests in {venv}, but {venv} is not made; run 'python3 scripts/gqa_fork.py install --base 0.2.1' first"),
+        ("install", "{fork} does not exist; run 'materialize' first"),
+    ],
+)
+def test_a_command_without_its_prerequisites_says_what_to_run(stand_in_repository, bare_python, command, message):
+    proc = subprocess.run(
+        [bare_python, stand_in_repository / "scripts" / "gqa_fork.py", command], capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    where = {"venv": stand_in_repository / "build" / "venv-0.2.1", "fork": stand_in_repository / "torchtitan"}
+    assert message.format(**where) in proc.stderr
+
+
+def test_train_refuses_another_checkouts_fork(stand_in_repository):
+    """This checkout's environment sees a Python where another checkout's fork
+    is installed (the one these tests run in): train must not train that one."""
+    script = stand_in_repository / "scripts" / "gqa_fork.py"
+    stand_in = replace(
+        BASES[DEFAULT], fork=stand_in_repository / "torchtitan", venv=stand_in_repository / "build" / "venv-0.2.1"
+    )
+    install.make_environment(stand_in)
+    for materialized in (False, True):
+        if materialized:
+            assert cli_run("materialize", script=script).returncode == 0
+        proc = cli_run("train", "--steps", "1", script=script)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"this checkout's fork {stand_in.fork} is not installed in {stand_in.venv}" in proc.stderr
+
+
+def test_a_bad_sdist_is_never_advised_deleted(stand_in_repository, tmp_path):
+    script = stand_in_repository / "scripts" / "gqa_fork.py"
+    mine = tmp_path / "torchtitan-0.2.1.tar.gz"
+    mine.write_bytes(b"my own file")
+    proc = cli_run("materialize", "--sdist", str(mine), script=script)
+    assert "so it is not the release; pass PyPI's torchtitan-0.2.1.tar.gz, or omit --sdist to download it" in proc.stderr
+    cache = stand_in_repository / "build" / "torchtitan-0.2.1.tar.gz"
+    cache.unlink()
+    cache.write_bytes(b"a broken download")
+    proc = cli_run("materialize", script=script)
+    assert "so it is not the release; move it away and run again to download torchtitan-0.2.1.tar.gz" in proc.stderr
+    for message in (proc.stderr, cli_run("materialize", "--sdist", str(mine), script=script).stderr):
+        assert proc.stderr.count("\n") == 1 and "delete" not in message
+    assert mine.read_bytes() == b"my own file" and cache.read_bytes() == b"a broken download"
+
+
+# ---- the README's "Nothing is lost" list: each line, by its opening words, and the tests that hold it
+
+NOTHING_IS_LOST = {
+    "`materialize` refuses a fork with uncommitted changes": [
+        test_refuses_to_overwrite_uncommitted_work, test_refuses_commits_not_in_the_series,
+        test_a_fork_in_the_middle_of_git_am_says_how_to_finish_or_undo_it,
+        test_a_fork_with_more_of_the_series_than_it_recorded_is_finished_not_refused,
+        test_discard_keeps_a_backup_first, test_discard_with_a_patch_that_does_not_apply_keeps_the_fork,
+        test_backups_of_one_second_get_their_own_names, test_backups_are_git_ignored,
+    ],
+    "A destination that is this repository, holds it, or lies anywhere inside it": [
+        test_a_destination_that_is_or_holds_the_repository_is_refused,
+        test_a_destination_anywhere_inside_the_repository_is_refused,
+    ],
+    "Ctrl-C at any moment leaves the fork and the series whole": [
+        test_ctrl_c_at_any_moment_of_an_update_leaves_the_fork_whole_and_resumable,
+        test_ctrl_c_during_export_writes_the_series_whole,
+        test_ctrl_c_in_the_cli_prints_one_line_and_the_next_run_finishes,
+    ],
+    "The fork remembers the series and its own commits": [
+        test_a_hand_edited_patch_is_brought_into_the_fork_not_overwritten, test_a_hand_edit_to_a_patchs_code_sticks,
+        test_when_fork_and_patches_both_changed_nothing_is_overwritten,
+    ],
+    "`export` refuses a fork with fewer commits than the series": [
+        test_export_of_a_partial_fork_needs_drop_missing_and_names_what_goes, test_export_refuses_to_empty_the_series,
+    ],
+    "A patch file that is empty, truncated or not a patch": [
+        test_a_damaged_patch_is_named_with_the_way_back_and_no_loop,
+        test_a_patch_that_does_not_apply_names_the_way_back_not_export,
+        test_patch_that_does_not_apply_leaves_nothing_behind, test_failed_update_rolls_the_fork_back,
+        test_a_failed_update_of_the_whole_fork_leaves_it_as_it_was,
+    ],
+    "The sdist's sha256 is checked before anything is unpacked": [
+        test_hash_mismatch_stops_before_unpacking, test_bad_sdist_is_refused_even_when_the_fork_is_up_to_date,
+        test_a_bad_sdist_is_never_advised_deleted,
+    ],
+    "Installing one base never changes another's environment": [
+        test_installing_one_base_never_changes_anothers_environment,
+    ],
+    "`export` is byte-stable": [
+        test_export_round_trips_byte_for_byte, test_a_second_base_materializes_exports_and_checks_on_its_own,
+    ],
+}
+
+
+def test_every_line_of_nothing_is_lost_has_its_tests():
+    section = (ROOT / "README.md").read_text().split("Nothing is lost:\n", 1)[1].split("\n\n", 1)[0]
+    lines = [line[2:] for line in section.splitlines() if line.startswith("- ")]
+    promises = [next((promise for promise in NOTHING_IS_LOST if line.startswith(promise)), line) for line in lines]
+    assert promises == list(NOTHING_IS_LOST), "a line of the list without its tests here"

@@ -11,7 +11,6 @@ import itertools
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,8 +64,8 @@ def assert_trains(losses):
 
 def test_cpu_sdpa_training_matches_the_release_path():
     for heads in (["--n-heads=16", "--n-kv-heads=8"], ["--n-heads=32", "--n-kv-heads=8"]):
-        series = runs.step_losses(BASE.fork, "--attn-type=sdpa", "--steps=5", *heads)
-        release = runs.step_losses(BASE.release_path, "--attn-type=sdpa", "--steps=5", *heads)
+        series = runs.step_losses(BASE, BASE.fork, "--attn-type=sdpa", "--steps=5", *heads)
+        release = runs.step_losses(BASE, BASE.release_path, "--attn-type=sdpa", "--steps=5", *heads)
         assert_trains(series)
         assert_losses_close(series, release, FP32_RTOL)
 
@@ -76,11 +75,11 @@ def test_flex_forward_matches_the_release_path_and_sdpa():
     for its CPU took about a minute a case), else on the CPU."""
     device = f"--device={'cuda' if GPUS else 'cpu'}"
     args = ["--attn-type=flex", "--steps=2", "--forward-only", "--corpus=multi_doc", device]
-    series = runs.step_losses(BASE.fork, *args)
-    assert_losses_close(series, runs.step_losses(BASE.release_path, *args), FP32_RTOL)
+    series = runs.step_losses(BASE, BASE.fork, *args)
+    assert_losses_close(series, runs.step_losses(BASE, BASE.release_path, *args), FP32_RTOL)
     # one document per sequence: block_causal is plain causal
-    single = runs.step_losses(BASE.fork, "--attn-type=flex", "--steps=1", "--forward-only", device)
-    sdpa = runs.step_losses(BASE.fork, "--attn-type=sdpa", "--steps=1", "--forward-only", device)
+    single = runs.step_losses(BASE, BASE.fork, "--attn-type=flex", "--steps=1", "--forward-only", device)
+    sdpa = runs.step_losses(BASE, BASE.fork, "--attn-type=sdpa", "--steps=1", "--forward-only", device)
     assert_losses_close(single, sdpa, FP32_RTOL)
 
 
@@ -96,7 +95,7 @@ def test_train_configs_load_and_name_existing_flavors():
     )
     configs = sorted((ROOT / "configs").glob("qwen3_*.toml"))
     out = subprocess.run(
-        [sys.executable, "-c", code, *map(str, configs)], env=runs.fork_env(BASE.fork),
+        [BASE.python, "-c", code, *map(str, configs)], env=runs.fork_env(BASE.fork),
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout
     assert out.split() == [config.stem.rsplit("_", 1)[1] for config in configs]
@@ -312,7 +311,7 @@ def trainer(tmp_path_factory, request):
     def make_seed(seed, gpus):
         try:
             runs.run_trainer(
-                forks[seed.path], config, seeds[seed],
+                BASE, forks[seed.path], config, seeds[seed],
                 seed.overrides() + ["--checkpoint.enable", "--checkpoint.create_seed_checkpoint"], gpus=gpus,
             )
         except ForkError as error:
@@ -325,7 +324,7 @@ def trainer(tmp_path_factory, request):
             return seed_errors[run.seed]
         try:
             return runs.trainer_losses(
-                forks[run.path], config, dumps[run], run.overrides(seeds), nproc=gpus_of(run), gpus=gpus
+                BASE, forks[run.path], config, dumps[run], run.overrides(seeds), nproc=gpus_of(run), gpus=gpus
             )
         except ForkError as error:
             return error

@@ -5,6 +5,7 @@ Only this module knows a version string; everything else takes a Base.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,12 @@ class Base:
     # the oldest torch and Python the fork runs on
     min_torch: tuple[int, int]
     min_python: tuple[int, int]
+    # the torch that `install` puts into the base's environment where it sees
+    # none of at least min_torch: pip arguments, split as a shell would
+    torch: str
+    # where `install` makes the base's own virtual environment: installing one
+    # base never changes another's
+    venv: Path
     # whether the fork is installed into the Python (editable), so that the
     # train configs run from it; otherwise its tests import it from PYTHONPATH
     installed: bool
@@ -34,6 +41,8 @@ class Base:
     # release and the series up to `release_path_upto` (None: no such path)
     release_path: Path | None = None
     release_path_upto: str | None = None
+    # pip requirements that only the tests need, installed beside the fork's
+    test_requirements: tuple[str, ...] = ()
 
     @property
     def tag(self) -> str:
@@ -51,6 +60,11 @@ class Base:
     def series(self) -> Path:
         return self.patches / "series"
 
+    @property
+    def python(self) -> Path:
+        """The Python of the base's environment, which runs its forks' processes."""
+        return self.venv / "bin" / "python"
+
 
 BASES = {
     base.version: base
@@ -64,6 +78,9 @@ BASES = {
             upstream_refs=("v0.2.1",),
             min_torch=(2, 11),
             min_python=(3, 10),
+            # pinned: a bare "torch" would pull the newest release's CUDA wheels
+            torch=os.environ.get("GQA_FORK_TORCH", "torch==2.13.0"),
+            venv=BUILD / "venv-0.2.1",
             installed=True,
             # 0001 only makes varlen run on current torch
             release_path=BUILD / "torchtitan-0.2.1-compat",
@@ -76,11 +93,16 @@ BASES = {
             patches=ROOT / "patches" / "0.3.0",
             fork=ROOT / "torchtitan-0.3.0",
             upstream_refs=("v0.3.0", "release/0.3", "origin/release/0.3"),
-            # torch 2.11 lacks torch.distributed.fsdp.DataParallelMeshDims
-            min_torch=(2, 13),
+            # torch 2.11 lacks torch.distributed.fsdp.DataParallelMeshDims, and
+            # 2.13's fully_shard refuses spmd_types' plain-tensor parameters
+            min_torch=(2, 14),
             min_python=(3, 11),
+            torch="torch==2.14.1",
+            venv=BUILD / "venv-0.3.0",
             # both forks are packages named torchtitan: one is installed
             installed=False,
+            # Qwen3.5's linear-attention layers
+            test_requirements=("fla-core==0.6.0",),
         ),
     )
 }

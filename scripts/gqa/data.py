@@ -4,8 +4,14 @@ the same bytes on every run."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
 from pathlib import Path
+
+from gqa import ForkError
+from gqa.bases import Base, ROOT
+from gqa.install import installed_versions
 
 WORDS = {
     "det": ["the", "a", "every", "one", "no", "this", "that"],
@@ -70,3 +76,20 @@ def make_data(out: Path) -> str:
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
     return f"wrote {out}/: tokenizer (vocab {tokenizer.get_vocab_size()}), {len(documents)} documents"
+
+
+def make_data_in(base: Base, out: Path) -> str:
+    """make_data run in the base's environment, where `install` put tokenizers."""
+    if not base.python.exists() or installed_versions(base, ["tokenizers"])["tokenizers"] is None:
+        raise ForkError(
+            f"'data' trains the tokenizer with the tokenizers package, which {base.venv} lacks; "
+            f"run 'python3 scripts/gqa_fork.py install' first"
+        )
+    code = "import sys; from pathlib import Path; from gqa.data import make_data; print(make_data(Path(sys.argv[1])))"
+    proc = subprocess.run(
+        [str(base.python), "-c", code, str(out)], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")},
+    )
+    if proc.returncode != 0:
+        raise ForkError(f"writing {out} failed in {base.venv}: {proc.stderr.strip().splitlines()[-1:]}")
+    return proc.stdout.strip()

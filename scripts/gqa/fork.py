@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -40,17 +41,34 @@ SYNC_RECORD = "gqa-fork-synced.json"
 UPSTREAM_URL = "https://github.com/pytorch/torchtitan"
 
 
-def git(cwd: Path, *args: str, env: dict | None = None, check: bool = True) -> str:
+def git(cwd: Path, *args: str, env: dict | None = None, check: bool = True, shielded: bool = False) -> str:
+    """git's output; shielded: in a session of its own, which Ctrl-C at the
+    terminal does not reach (see interrupts_deferred)."""
     proc = subprocess.run(
         ["git", *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
+        start_new_session=shielded,
     )
     if check and proc.returncode != 0:
         raise ForkError(f"git {' '.join(args)} failed in {cwd}: {proc.stderr.strip()}")
     return proc.stdout
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block takes effect when the block is done, so that
+    what it changes is changed whole (its git calls must be shielded)."""
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def count(items: list, noun: str) -> str:
@@ -70,6 +88,7 @@ def archive(repo: Path, commit: str, dest: Path, *paths: str) -> Path:
 
 
 def read_series(base: Base) -> list[str]:
+    """The series' patch names, once each is known to be a whole patch file."""
     if not base.series.is_file():
         raise ForkError(f"{base.series} does not exist; restore it (git checkout -- {base.patches})")
     names = [
@@ -78,9 +97,43 @@ def read_series(base: Base) -> list[str]:
         if line.strip() and not line.startswith("#")
     ]
     for name in names:
-        if not (base.patches / name).is_file():
+        path = base.patches / name
+        if not path.is_file():
             raise ForkError(f"{base.series} lists {name}, which is not in {base.patches}; restore it or remove the line")
+        problem = damage(path)
+        if problem:
+            raise ForkError(f"{path} {problem}; restore it with 'git checkout -- {path}', or mend it by hand")
     return names
+
+
+HUNK = re.compile(r"@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+
+
+def damage(path: Path) -> str | None:
+    """How a patch file differs from any that git format-patch writes, if it
+    does: empty, not a patch, or truncated (it ends inside a hunk)."""
+    data = path.read_bytes()
+    if not data.strip():
+        return "is empty"
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return "is not a patch (it is not text)"
+    if not text.startswith("From ") or "\ndiff --git " not in text:
+        return "is not a patch (it has no mail header or no diff)"
+    old = new = 0
+    for number, line in enumerate(text.split("\n")[:-1], start=1):
+        if old or new:
+            kind = line[:1]
+            if kind not in (" ", "", "-", "+", "\\"):
+                return f"is damaged: line {number} lies inside a hunk but is no hunk line"
+            old -= kind in (" ", "", "-")
+            new -= kind in (" ", "", "+")
+        elif hunk := HUNK.match(line):
+            old, new = (int(n) if n is not None else 1 for n in hunk.groups())
+    if old or new or not text.endswith("\n"):
+        return "is truncated: it ends inside a hunk"
+    return None
 
 
 def select_patches(base: Base, upto: str | None) -> list[str]:
@@ -122,13 +175,17 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def record_sync(base: Base, fork: Path) -> None:
-    """Remember the series and the fork's commits as they are now, after a
-    materialize or export, so that later changes are known to be the fork's or
-    the series'."""
-    commits, _ = fork_state(base, fork)
-    record = {"series": patch_digests(base, read_series(base)), "commits": [text_digest(c) for c in commits]}
-    (fork / ".git" / SYNC_RECORD).write_text(json.dumps(record) + "\n")
+def sync_record(base: Base, commits: list[str]) -> dict[str, list]:
+    """The series as it is now and the fork's commits (patch texts), to be
+    remembered after a materialize or export, so that later changes are known
+    to be the fork's or the series'."""
+    return {"series": patch_digests(base, read_series(base)), "commits": [text_digest(c) for c in commits]}
+
+
+def write_sync_record(fork: Path, record: dict[str, list]) -> None:
+    path = fork / ".git" / SYNC_RECORD
+    path.with_suffix(".new").write_text(json.dumps(record) + "\n")
+    path.with_suffix(".new").replace(path)
 
 
 def last_sync(base: Base, fork: Path) -> dict[str, list]:
@@ -152,35 +209,55 @@ def fork_state(base: Base, fork: Path) -> tuple[list[str], str]:
             f"{fork} exists but is not a fork made by this tool (no git tag {base.tag}); move it away, "
             f"or run 'materialize --discard' to keep it as a backup folder and rebuild"
         )
+    if (fork / ".git" / "rebase-apply").exists():
+        raise ForkError(
+            f"{fork} is in the middle of a 'git am'; finish it (git -C {fork} am --continue) "
+            f"or undo it (git -C {fork} am --abort), then run again"
+        )
     dirty = git(fork, "status", "--porcelain")
+    return commit_texts(base, fork), dirty
+
+
+def commit_texts(base: Base, fork: Path, head: str = "HEAD") -> list[str]:
+    """The fork's commits from the base up to `head`, as patch texts."""
     with tempfile.TemporaryDirectory() as tmp:
-        format_patches(base, fork, Path(tmp))
-        texts = [p.read_text() for p in sorted(Path(tmp).glob("*.patch"))]
-    return texts, dirty
+        format_patches(base, fork, Path(tmp), head)
+        return [p.read_text() for p in sorted(Path(tmp).glob("*.patch"))]
 
 
 def changes_since_sync(base: Base, fork: Path, commits: list[str]) -> tuple[bool, list[str], int]:
-    """Since the last sync: whether the fork has commits that it did not have
-    then, the patches of the series that changed, and how many of the fork's
-    first commits still are the series' first patches."""
+    """Since the last sync: whether the fork has commits that are neither what
+    it had then nor the series' patches as they are now, the patches of the
+    series that changed, and how many of the fork's first commits are the
+    series' first patches."""
     record = last_sync(base, fork)
     digests = [text_digest(c) for c in commits]
-    fork_changed = digests != record["commits"][: len(digests)]
     current = patch_digests(base, read_series(base))
     changed_patches = [name for name, digest in current if [name, digest] not in record["series"]]
     changed_patches += [name for name, _ in record["series"] if name not in dict(current)]
-    in_sync = 0
-    for digest, then, patch, patch_then in zip(digests, record["commits"], current, record["series"]):
-        if digest != then or patch != patch_then:
-            break
-        in_sync += 1
+
+    def synced(i: int) -> bool:
+        """Commit i was the fork's at the last sync, its patch unchanged since."""
+        return i < min(len(record["commits"]), len(record["series"]), len(current)) and (
+            digests[i] == record["commits"][i] and current[i] == record["series"][i]
+        )
+
+    def is_patch(i: int) -> bool:
+        """Commit i is the series' patch i as the series holds it now."""
+        return i < len(current) and digests[i] == current[i][1]
+
+    fork_changed = any(
+        not is_patch(i) and (i >= len(record["commits"]) or digests[i] != record["commits"][i])
+        for i in range(len(digests))
+    )
+    in_sync = next((i for i in range(len(digests)) if not (synced(i) or is_patch(i))), len(digests))
     return fork_changed, changed_patches, in_sync
 
 
-def format_patches(base: Base, fork: Path, out: Path) -> list[str]:
+def format_patches(base: Base, fork: Path, out: Path, head: str = "HEAD") -> list[str]:
     git(
         fork, *FORMAT_PATCH_CONFIG, "format-patch", "--zero-commit", "--no-signature",
-        "--full-index", "--no-numbered", "-o", str(out), f"{base.tag}..HEAD",
+        "--full-index", "--no-numbered", "-o", str(out), f"{base.tag}..{head}",
     )
     return sorted(p.name for p in out.glob("*.patch"))
 
@@ -199,8 +276,8 @@ def apply_patches(base: Base, fork: Path, names: list[str]) -> None:
             failed = re.findall(r"(?:patch failed|does not exist in index|already exists in working directory): (\S+)", proc.stderr + proc.stdout)
             where = f" at {failed[0]}" if failed else ""
             raise ForkError(
-                f"patch {name} does not apply{where}; the fork was left as it was. "
-                f"Regenerate it from a fork with 'export', or fix the patch file"
+                f"patch {name} does not apply{where}; the fork was left as it was. Mend the patch file, "
+                f"or restore it with 'git checkout -- {base.patches / name}'"
             )
 
 
@@ -271,11 +348,27 @@ def build_fork(base: Base, dest: Path, names: list[str], sdist: Path | None, ups
             check_out_upstream(base, staging, upstream, sdist, names)
         (staging / ".git" / "info" / "exclude").write_text(FORK_EXCLUDES)
         apply_patches(base, staging, names)
-        record_sync(base, staging)
+        write_sync_record(staging, sync_record(base, commit_texts(base, staging)))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging
+
+
+def updated_commit(base: Base, fork: Path, start: str, names: list[str]) -> str:
+    """The commit `start` of the fork plus the patches `names`, applied in a
+    temporary worktree: the fork's own checkout is not touched, so an
+    interrupted or failed update leaves it as it was."""
+    git(fork, "worktree", "prune")
+    # a git killed by Ctrl-C may leave files behind: they stay in the temporary folder
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        worktree = Path(tmp, "update")
+        git(fork, "worktree", "add", "--quiet", "--detach", str(worktree), start)
+        try:
+            apply_patches(base, worktree, names)
+            return git(worktree, "rev-parse", "HEAD").strip()
+        finally:
+            git(fork, "worktree", "remove", "--force", str(worktree), check=False)
 
 
 def backup_name(dest: Path) -> Path:
@@ -284,12 +377,18 @@ def backup_name(dest: Path) -> Path:
     return next(c for c in candidates if not c.exists())
 
 
-def check_destination(dest: Path) -> None:
-    """A fork gets a folder of its own: not this repository, nor one that holds it."""
+def check_destination(base: Base, dest: Path) -> None:
+    """A fork gets a folder of its own: not this repository, nor one that holds
+    it, nor one inside it other than the base's own fork and release path."""
     if dest == ROOT or dest in ROOT.parents:
         raise ForkError(
             f"--dest {dest} is this repository{'' if dest == ROOT else ' or holds it'}; "
-            f"pass a folder of the fork's own, e.g. {ROOT / 'torchtitan'}"
+            f"pass a folder of the fork's own outside it, e.g. {ROOT.parent / 'torchtitan-fork'}"
+        )
+    if ROOT in dest.parents and dest not in (base.fork, base.release_path):
+        raise ForkError(
+            f"--dest {dest} is inside this repository, whose files it could replace; pass a folder outside "
+            f"it, e.g. {ROOT.parent / 'torchtitan-fork'}, or omit --dest for {base.fork}"
         )
     under_file = next((parent for parent in dest.parents if parent.exists() and not parent.is_dir()), None)
     if under_file is not None:
@@ -299,7 +398,7 @@ def check_destination(dest: Path) -> None:
 def materialize(
     base: Base, dest: Path, upto: str | None, sdist: Path | None, discard: bool, upstream: Path | None = None
 ) -> str:
-    check_destination(dest)
+    check_destination(base, dest)
     names = select_patches(base, upto)
     if sdist is not None:
         verified_sdist(base, sdist)
@@ -310,11 +409,12 @@ def materialize(
                 f"to keep the old one as a backup folder"
             )
         built = build_fork(base, dest, names, sdist, upstream)
-        if dest.exists():
-            backup = backup_name(dest)
-            dest.rename(backup)
-            print(f"kept the old {dest.name} as {backup}")
-        built.rename(dest)
+        with interrupts_deferred():
+            if dest.exists():
+                backup = backup_name(dest)
+                dest.rename(backup)
+                print(f"kept the old {dest.name} as {backup}")
+            built.rename(dest)
         origin = f"upstream {base.tag} from {upstream}" if upstream else base.version
         return f"{dest}: {origin} + {count(names, 'patch')}"
 
@@ -340,14 +440,12 @@ def materialize(
     common = min(in_sync, len(names))
     if common == len(commits) == len(names):
         return f"{dest}: up to date ({base.version} + {count(names, 'patch')})"
-    head = git(dest, "rev-parse", "HEAD").strip()
-    git(dest, "reset", "--hard", "--quiet", f"HEAD~{len(commits) - common}")
-    try:
-        apply_patches(base, dest, names[common:])
-    except ForkError:
-        git(dest, "reset", "--hard", "--quiet", head)
-        raise
-    record_sync(base, dest)
+    updated_head = updated_commit(base, dest, f"HEAD~{len(commits) - common}", names[common:])
+    record = sync_record(base, commit_texts(base, dest, updated_head))
+    # the only step that changes the fork, done whole
+    with interrupts_deferred():
+        git(dest, "reset", "--hard", "--quiet", updated_head, shielded=True)
+        write_sync_record(dest, record)
     updated = (
         f" (series changed: {', '.join(changed_patches)}; 'export' writes them back in exported form)"
         if changed_patches else ""
@@ -376,7 +474,8 @@ def materialize_release_path(base: Base, sdist: Path | None) -> str:
             )
         _, _, in_sync = changes_since_sync(base, path, commits)
         if not in_sync == len(commits) == len(names):
-            shutil.rmtree(path)
+            with interrupts_deferred():
+                shutil.rmtree(path)
     return materialize(base, path, base.release_path_upto, sdist, False)
 
 
@@ -396,20 +495,33 @@ def export(base: Base, drop_missing: bool = False) -> str:
             f"{base.fork} has no commits since {base.tag}, so export would empty the series; "
             f"commit your work in the fork first, or run 'materialize' to rebuild it from the series"
         )
-    if len(commits) < len(old) and not drop_missing:
-        raise ForkError(
-            f"the fork holds {count(commits, 'commit')} and {base.series} {count(old, 'patch')} (was it made "
-            f"with --upto?); run 'materialize' to bring it to the whole series, or pass --drop-missing "
-            f"to delete the patches it lacks from {base.patches}"
-        )
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=base.patches, prefix=".export-") as tmp:
         names = format_patches(base, base.fork, Path(tmp))
-        for name in names:
-            shutil.copyfile(Path(tmp, name), base.patches / name)
-    for name in set(old) - set(names):
-        (base.patches / name).unlink()
-    base.series.write_text("".join(f"{n}\n" for n in names))
-    record_sync(base, base.fork)
+        dropped = [name for name in old if name not in names]
+        if len(commits) < len(old) and not drop_missing:
+            prefix = commits == [(base.patches / name).read_text() for name in old[: len(commits)]]
+            why = (
+                f"the fork holds the first {count(commits, 'patch')} of the series' {len(old)} "
+                f"(it was made with --upto, or its update did not finish)"
+                if prefix else f"the fork holds {count(commits, 'commit')} and {base.series} {count(old, 'patch')}"
+            )
+            raise ForkError(
+                f"{why}; run 'materialize' to bring it to the whole series, or pass --drop-missing "
+                f"to delete {', '.join(dropped)} from {base.patches}"
+            )
+        Path(tmp, "series").write_text("".join(f"{n}\n" for n in names))
+        # the series is written whole: Ctrl-C waits for the renames
+        with interrupts_deferred():
+            for name in [*names, "series"]:
+                Path(tmp, name).replace(base.patches / name)
+            for name in dropped:
+                (base.patches / name).unlink()
+            write_sync_record(base.fork, sync_record(base, commits))
+    if dropped:
+        return (
+            f"exported {count(names, 'patch')} to {base.patches}/ and deleted {', '.join(dropped)}: no "
+            f"commit of the fork makes them now; 'git checkout -- FILE' brings one back"
+        )
     return f"exported {count(names, 'patch')} to {base.patches}/"
 
 

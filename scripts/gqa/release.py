@@ -38,10 +38,11 @@ def verified_sdist(base: Base, sdist: Path | None) -> Path:
         raise ForkError(f"sdist {sdist} does not exist; pass the path of {base.sdist_name} or omit --sdist to download it")
     actual = sha256_of(sdist)
     if actual != base.sdist_sha256:
-        raise ForkError(
-            f"sha256 of {sdist} is {actual}, expected {base.sdist_sha256}; "
-            f"delete it and download {base.sdist_name} from PyPI again"
+        way_out = (
+            f"move it away and run again to download {base.sdist_name}" if sdist == base.sdist_cache
+            else f"pass PyPI's {base.sdist_name}, or omit --sdist to download it"
         )
+        raise ForkError(f"sha256 of {sdist} is {actual}, expected {base.sdist_sha256}, so it is not the release; {way_out}")
     return sdist
 
 

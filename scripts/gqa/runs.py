@@ -11,7 +11,6 @@ import os
 import queue
 import re
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable, Hashable, TypeVar
 
 from gqa import ForkError
 from gqa.bases import Base, ROOT
+from gqa.install import fork_imports_from_root
 
 CONFIGS = ROOT / "configs"
 BACKENDS = ("sdpa", "flex", "varlen")
@@ -32,10 +32,11 @@ def fork_env(fork: Path, *extra_paths: Path) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
-def step_losses(fork: Path, *args: str) -> list[float]:
-    """Losses of scripts/train_steps.py run against `fork`."""
+def step_losses(base: Base, fork: Path, *args: str) -> list[float]:
+    """Losses of scripts/train_steps.py run against `fork` (the base's fork or
+    its release path) in the base's environment."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train_steps.py"), *args],
+        [str(base.python), str(ROOT / "scripts" / "train_steps.py"), *args],
         env=fork_env(fork), capture_output=True, text=True,
     )
     if proc.returncode != 0:
@@ -44,10 +45,11 @@ def step_losses(fork: Path, *args: str) -> list[float]:
 
 
 def run_trainer(
-    fork: Path, config: Path, dump: Path, overrides: list[str], nproc: int = 1, gpus: str | None = None
+    base: Base, fork: Path, config: Path, dump: Path, overrides: list[str], nproc: int = 1, gpus: str | None = None
 ) -> str:
-    """torchtitan's Trainer run from `fork` on `nproc` GPUs (those of
-    CUDA_VISIBLE_DEVICES `gpus`, if given); its log, also at dump/train.log."""
+    """torchtitan's Trainer run from `fork` in the base's environment on
+    `nproc` GPUs (those of CUDA_VISIBLE_DEVICES `gpus`, if given); its log,
+    also at dump/train.log."""
     dump.mkdir(parents=True, exist_ok=True)
     log = dump / "train.log"
     env = fork_env(fork, ROOT / "tests" / "integration")
@@ -57,7 +59,7 @@ def run_trainer(
         env["CUDA_VISIBLE_DEVICES"] = gpus
     with log.open("w") as out:
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            [str(base.python), "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
              # rank 0's log: every rank logs the same step metrics
              "--tee=3", "--local-ranks-filter=0",
              "-m", "torchtitan.train", f"--job.config_file={config}", f"--job.dump_folder={dump}",
@@ -75,9 +77,9 @@ def trainer_metric(log: str, name: str) -> list[float]:
     return [float(value.replace(",", "")) for value in values]
 
 
-def trainer_losses(fork: Path, config: Path, dump: Path, overrides: list[str], **kwargs) -> list[float]:
+def trainer_losses(base: Base, fork: Path, config: Path, dump: Path, overrides: list[str], **kwargs) -> list[float]:
     """Per-step losses of a run_trainer run."""
-    losses = trainer_metric(run_trainer(fork, config, dump, overrides, **kwargs), "loss")
+    losses = trainer_metric(run_trainer(base, fork, config, dump, overrides, **kwargs), "loss")
     if not losses:
         raise ForkError(f"the Trainer logged no loss; see {dump / 'train.log'}")
     return losses
@@ -123,23 +125,34 @@ def loss_table(losses: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-def main_job(base: Base, steps: int) -> str:
-    """Qwen3 debugmodel on every backend this machine can train, losses side by side."""
-    import torch
+def cuda_available(base: Base) -> bool:
+    proc = subprocess.run(
+        [str(base.python), "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True
+    )
+    return proc.stdout.strip() == "True"
 
-    if torch.cuda.is_available():
+
+def main_job(base: Base, steps: int) -> str:
+    """Qwen3 debugmodel on every backend this machine can train, losses side
+    by side, from this checkout's fork as installed into the base's environment."""
+    if not (base.python.exists() and fork_imports_from_root(base)):
+        raise ForkError(
+            f"this checkout's fork {base.fork} is not installed in {base.venv}, so training would not run it; "
+            f"run 'python3 scripts/gqa_fork.py setup' (materialize + install + train)"
+        )
+    if cuda_available(base):
         with tempfile.TemporaryDirectory() as tmp:
             losses = {
                 backend: trainer_losses(
-                    base.fork, CONFIGS / f"qwen3_debugmodel_{backend}.toml", Path(tmp) / backend,
+                    base, base.fork, CONFIGS / f"qwen3_debugmodel_{backend}.toml", Path(tmp) / backend,
                     [f"--training.steps={steps}"],
                 )
                 for backend in BACKENDS
             }
         print(loss_table(losses))
         return f"trained Qwen3 debugmodel with torchtitan's Trainer on {', '.join(BACKENDS)}"
-    losses = {"sdpa": step_losses(base.fork, "--attn-type=sdpa", f"--steps={steps}")}
-    flex = step_losses(base.fork, "--attn-type=flex", "--steps=1", "--forward-only")
+    losses = {"sdpa": step_losses(base, base.fork, "--attn-type=sdpa", f"--steps={steps}")}
+    flex = step_losses(base, base.fork, "--attn-type=flex", "--steps=1", "--forward-only")
     print(loss_table(losses))
     print(f"flex, forward only at the initial weights: {flex[0]:.4f} (sdpa: {losses['sdpa'][0]:.4f})")
     return (

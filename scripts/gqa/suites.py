@@ -18,7 +18,7 @@ from typing import NamedTuple
 from gqa import ForkError
 from gqa.bases import Base, BUILD, ROOT
 from gqa.fork import archive, git, materialize, materialize_release_path, upstream_release_commit
-from gqa.install import install, installed_version, version_tuple
+from gqa.install import install, install_torch, installed_versions, version_tuple
 from gqa.release import unpack, verified_sdist
 
 # pytest's exit status where no test matched its arguments
@@ -29,10 +29,9 @@ STARTED = time.monotonic()
 def parallel_options(pytest_args: list[str]) -> tuple[list[str], dict[str, str]]:
     """pytest-xdist's options for this machine (unless the caller chose), and
     the environment that keeps its workers from oversubscribing the cores:
-    one OpenMP thread share and one inductor compile thread each."""
+    one OpenMP thread share and one inductor compile thread each. `install`
+    puts pytest-xdist into every base's environment."""
     if "-n" in pytest_args or any(a.startswith(("-n=", "--numprocesses")) for a in pytest_args):
-        return [], {}
-    if installed_version("pytest-xdist") is None:
         return [], {}
     cores = os.cpu_count() or 1
     workers = max(1, min(cores, 16))
@@ -42,10 +41,11 @@ def parallel_options(pytest_args: list[str]) -> tuple[list[str], dict[str, str]]
     }
 
 
-def pytest(folder: Path, args: list[str], env: dict | None = None) -> int:
+def pytest(base: Base, folder: Path, args: list[str], env: dict | None = None) -> int:
+    """pytest in the base's environment, from `folder`: its exit status."""
     options, parallel_env = parallel_options(args)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-ra", *options, *args],
+        [str(base.python), "-m", "pytest", "-ra", *options, *args],
         cwd=folder, env={**os.environ, **parallel_env, **(env or {})},
     ).returncode
 
@@ -61,12 +61,13 @@ def commit_tests(fork: Path, commits: list[str]) -> dict[str, list[str]]:
     }
 
 
-def run_at_commit(fork: Path, commit: str, tests: list[str], pytest_args: list[str]) -> tuple[int, str]:
-    """pytest over `tests` in a checkout of `commit`: its exit status and output."""
+def run_at_commit(base: Base, fork: Path, commit: str, tests: list[str], pytest_args: list[str]) -> tuple[int, str]:
+    """pytest over `tests` in a checkout of `commit`, in the base's
+    environment: its exit status and output."""
     with tempfile.TemporaryDirectory() as tmp:
         archive(fork, commit, Path(tmp))
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, *tests],
+            [str(base.python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, *tests],
             cwd=tmp, env={**os.environ, "PYTHONPATH": tmp, "OMP_NUM_THREADS": "1"},
             capture_output=True, text=True,
         )
@@ -86,7 +87,7 @@ def each_commit_passes_its_tests(
         commits = commits[:-1]
     todo = {commit: tests for commit, tests in commit_tests(fork, commits).items() if tests}
     with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
-        results = dict(zip(todo, pool.map(lambda c: run_at_commit(fork, c, todo[c], pytest_args), todo)))
+        results = dict(zip(todo, pool.map(lambda c: run_at_commit(base, fork, c, todo[c], pytest_args), todo)))
     failed, report = [], []
     for commit, (code, output) in results.items():
         subject = git(fork, "log", "-1", "--format=%s", commit).strip()
@@ -145,7 +146,7 @@ def compare_upstream_tests(base: Base, upstream: Path, sdist: Path | None) -> li
         for side, code in (("pristine", Path(tmp, "pristine")), ("fork", base.fork)):
             report = Path(tmp, f"{side}.xml")
             print(f"--- upstream's tests of the models on the {side} release ({len(tests)} files)", flush=True)
-            pytest(Path(tmp), ["-q", "--tb=no", "-p", "no:cacheprovider", f"--junitxml={report}", *tests], {"PYTHONPATH": str(code)})
+            pytest(base, Path(tmp), ["-q", "--tb=no", "-p", "no:cacheprovider", f"--junitxml={report}", *tests], {"PYTHONPATH": str(code)})
             outcomes[side] = {test_id: o.kind for test_id, o in junit_outcomes(report).items()}
     declared = upstream_test_changes(base)
     changed = {
@@ -175,12 +176,16 @@ def progress(step: int, steps: int, message: str) -> None:
 
 
 def unmet_requirement(base: Base) -> str | None:
-    """Why this machine cannot test `base` beside the others, if it cannot."""
-    torch_version = installed_version("torch")
+    """Why the base's environment cannot run its fork's tests, if it cannot."""
     if sys.version_info[:2] < base.min_python:
-        return f"it needs Python >= {'.'.join(map(str, base.min_python))}"
-    if torch_version is not None and version_tuple(torch_version) < base.min_torch:
-        return f"it needs torch >= {'.'.join(map(str, base.min_torch))}, and this is {torch_version}"
+        return f"torchtitan {base.version} needs Python >= {'.'.join(map(str, base.min_python))}"
+    if not base.python.exists():
+        return f"{base.venv} is not made"
+    versions = installed_versions(base, ["torch", "pytest"])
+    if versions["torch"] is None or version_tuple(versions["torch"]) < base.min_torch:
+        return f"torchtitan {base.version} needs torch >= {'.'.join(map(str, base.min_torch))}, and {base.venv} has {versions['torch'] or 'none'}"
+    if versions["pytest"] is None:
+        return f"{base.venv} has no pytest"
     return None
 
 
@@ -188,24 +193,30 @@ def run_tests(bases: list[Base], sdist: Path | None, pytest_args: list[str], ups
     """Materializes and installs each base's fork, runs each fork's tests (and,
     with an upstream clone, upstream's tests of the models on the release and
     on the fork), then this repository's (where the default base is among
-    them) while each commit's own tests run at that commit. A base after the
-    first that this machine cannot run is skipped with its reason."""
+    them) while each commit's own tests run at that commit, each in its base's
+    environment. A base after the first whose torch cannot be installed here
+    (no network, say) is skipped with the reason."""
     print(
         f"test: for {', '.join(b.version for b in bases)}: materializes and installs the fork and runs its "
         f"tests, then this repository's tests while each commit's own tests run at that commit (all of "
-        f"it took 15.2 minutes on a 2-core CPU machine, installs included); GPU tests run where CUDA is, "
+        f"it took 58.6 minutes on a 2-core CPU machine that two other test runs shared, installs included, "
+        f"5.4 of them 0.3.0's environment with torch 2.14.1); GPU tests run where CUDA is, "
         f"the rest skip with their reason",
         flush=True,
     )
     steps = 2 * len(bases) + 2
     step = iter(range(1, steps + 1))
-    tested = []
+    tested, skipped = [], []
     for base in bases:
-        skip = unmet_requirement(base) if tested else None
-        if skip:
-            print(f"==> skipping torchtitan {base.version}'s series: {skip}", flush=True)
+        progress(next(step), steps, f"{base.version}: materialize {base.fork} and install into {base.venv}")
+        try:
+            install_torch(base)
+        except ForkError as error:
+            if not tested:
+                raise
+            print(f"==> skipping torchtitan {base.version}'s series: {error}", flush=True)
+            skipped.append(base.version)
             continue
-        progress(next(step), steps, f"{base.version}: materialize {base.fork} and install")
         print(materialize(base, base.fork, None, sdist, False))
         if base.release_path is not None:
             print(materialize_release_path(base, sdist))
@@ -217,7 +228,7 @@ def run_tests(bases: list[Base], sdist: Path | None, pytest_args: list[str], ups
         junit = fork_report(base, git(base.fork, "rev-parse", "HEAD").strip())
         junit.parent.mkdir(parents=True, exist_ok=True)
         env = {} if base.installed else {"PYTHONPATH": str(base.fork)}
-        exits[f"torchtitan {base.version}'s fork tests"] = pytest(base.fork, [f"--junitxml={junit}", *pytest_args], env)
+        exits[f"torchtitan {base.version}'s fork tests"] = pytest(base, base.fork, [f"--junitxml={junit}", *pytest_args], env)
     upstream_problems = [
         problem for base in tested if upstream is not None
         for problem in compare_upstream_tests(base, upstream, sdist)
@@ -228,9 +239,10 @@ def run_tests(bases: list[Base], sdist: Path | None, pytest_args: list[str], ups
         commit_runs = pool.submit(
             lambda: [each_commit_passes_its_tests(base, base.fork, pytest_args, True) for base in tested]
         )
-        if any(base.installed for base in tested):
-            progress(next(step), steps, f"the tooling and training tests, from {ROOT}")
-            exits["the tooling and training tests"] = pytest(ROOT, pytest_args)
+        installed = next((base for base in tested if base.installed), None)
+        if installed is not None:
+            progress(next(step), steps, f"the tooling and training tests, from {ROOT}, in {installed.venv}")
+            exits["the tooling and training tests"] = pytest(installed, ROOT, pytest_args)
         failed_commits = []
         for failed, report in commit_runs.result():
             print(f"each commit's own tests, at that commit:\n{report}", flush=True)
@@ -240,4 +252,5 @@ def run_tests(bases: list[Base], sdist: Path | None, pytest_args: list[str], ups
     failed += upstream_problems
     if failed or set(exits.values()) == {NO_TESTS}:
         raise ForkError(f"tests failed: {', '.join(failed) or 'no test matched'}; see the reports above")
-    return f"tests passed for torchtitan {', '.join(b.version for b in tested)}"
+    skips = f" (skipped {', '.join(skipped)}: its torch could not be installed, see above)" if skipped else ""
+    return f"tests passed for torchtitan {', '.join(b.version for b in tested)}{skips}"
