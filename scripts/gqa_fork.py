@@ -8,7 +8,7 @@ The work is done by the package scripts/gqa, one module per job.
 
     python3 scripts/gqa_fork.py setup        # materialize + install + main job
     python3 scripts/gqa_fork.py test         # materialize + install + tests
-    python3 scripts/gqa_fork.py materialize [--upto PATCH] [--dest DIR] [--sdist FILE] [--discard] [--upstream CHECKOUT]
+    python3 scripts/gqa_fork.py materialize [--upto PATCH] [--dest DIR] [--sdist FILE] [--discard] [--upstream CHECKOUT [--author 'NAME <EMAIL>']]
     python3 scripts/gqa_fork.py export [--drop-missing] | check | install | data | train
 """
 
@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--discard", action="store_true", help="move an existing fork to a backup folder and rebuild")
     p.add_argument("--upstream", type=Path, metavar="CHECKOUT",
                    help="base the series on this torchtitan git clone's release tag (or release branch), not on the sdist")
+    p.add_argument("--author", metavar="'NAME <EMAIL>'",
+                   help="with --upstream: who the branch's commits say wrote them (default: your git config's "
+                   "user.name and user.email, as the clone sees them)")
     sdist_option(p)
     p = command("export", "write the fork's commits back to the series")
     p.add_argument("--drop-missing", action="store_true",
@@ -97,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args, pytest_args = parser.parse_known_args(argv)
     if args.command != "test" and pytest_args:
         parser.error(f"unrecognized arguments: {' '.join(pytest_args)}")
+    if getattr(args, "author", None) is not None and args.upstream is None:
+        parser.error("--author names who wrote the commits of an --upstream branch: pass --upstream too")
     if args.command == "test" and args.base is None and (args.sdist or args.upstream):
         parser.error("--sdist and --upstream name one release's: pass --base too")
     args.pytest_args = pytest_args[1:] if pytest_args[:1] == ["--"] else pytest_args
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         match args.command:
             case "materialize":
                 dest = (args.dest or base.fork).resolve()
-                message = fork.materialize(base, dest, args.upto, args.sdist, args.discard, args.upstream)
+                message = fork.materialize(base, dest, args.upto, args.sdist, args.discard, args.upstream, args.author)
             case "export":
                 message = fork.export(base, args.drop_missing)
             case "check":

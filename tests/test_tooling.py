@@ -1,8 +1,11 @@
 """The fork tooling: materialize, export, check, and that it never loses work."""
 
+import email
+import email.utils
 import importlib.util
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -514,15 +517,107 @@ def upstream_checkout(base, tmp_path, touched_edit=None):
     return upstream
 
 
+def series_author(base):
+    """'Name <email>' of the series' patches, as their From: header says."""
+    first = base.patches / fork.read_series(base)[0]
+    return email.utils.formataddr(email.utils.parseaddr(email.message_from_string(first.read_text())["From"]))
+
+
+def patch_files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def test_upstream_checkout_gives_a_branch_of_upstreams_history(base, tmp_path):
     upstream = upstream_checkout(base, tmp_path)
-    fork.materialize(base, base.fork, None, None, False, upstream)
+    fork.materialize(base, base.fork, None, None, False, upstream, series_author(base))
     assert git(base.fork, "rev-parse", "v0.2.1") == git(upstream, "rev-parse", "v0.2.1")
     assert commits(base.fork)[-1] == "an older commit"
     assert git(base.fork, "rev-parse", "--abbrev-ref", "HEAD").strip() == "gqa"
-    before = {p.name: p.read_bytes() for p in base.patches.iterdir()}
+    before = patch_files(base.patches)
     fork.export(base)
-    assert {p.name: p.read_bytes() for p in base.patches.iterdir()} == before
+    assert patch_files(base.patches) == before
+
+
+def upstream_with_tests(base, tmp_path):
+    """An upstream checkout whose release commit also has a test file that
+    the sdist lacks, and the series' last patch editing it beside the series;
+    the edited file's text."""
+    upstream = upstream_checkout(base, tmp_path)
+    test_file = upstream / "tests" / "unit_tests" / "test_upstream.py"
+    test_file.parent.mkdir(parents=True)
+    test_file.write_text("# exercises torchtitan.models\ndef test_release():\n    assert True\n")
+    git(upstream, "add", "-A")
+    git(upstream, "-c", "user.name=Upstream", "-c", "user.email=u@example.com", "commit", "-qm", "Release 0.2.1")
+    git(upstream, "tag", "-f", "v0.2.1")
+    edited = test_file.read_text().replace("test_release", "test_series")
+    scratch = tmp_path / "edits"
+    subprocess.run(["git", "clone", "-q", str(upstream), str(scratch)], check=True)
+    (scratch / "tests" / "unit_tests" / "test_upstream.py").write_text(edited)
+    git(scratch, "-c", "user.name=S", "-c", "user.email=s@example.com", "commit", "-qam", "edit upstream's test")
+    edits = base.patches / fork.UPSTREAM_EDITS / fork.read_series(base)[-1]
+    edits.parent.mkdir()
+    edits.write_text(git(scratch, "format-patch", "--stdout", "-1", "HEAD"))
+    return upstream, edited
+
+
+def test_upstream_branch_commits_carry_the_contributor_and_the_edits_to_upstreams_tests(base, tmp_path):
+    upstream, edited = upstream_with_tests(base, tmp_path)
+    fork.materialize(base, base.fork, None, None, False, upstream, "Ada Lovelace <ada@example.com>")
+    series = fork.read_series(base)
+    identities = git(base.fork, "log", "--format=%an <%ae> | %cn <%ce>", f"v0.2.1..HEAD").splitlines()
+    assert identities == ["Ada Lovelace <ada@example.com> | Ada Lovelace <ada@example.com>"] * len(series)
+    touching = git(base.fork, "log", "--format=%s", "v0.2.1..HEAD", "--", "tests/unit_tests/test_upstream.py")
+    assert touching.splitlines() == [commits(base.fork)[0]]
+    assert (base.fork / "tests" / "unit_tests" / "test_upstream.py").read_text() == edited
+
+
+def test_export_from_an_upstream_branch_writes_its_edits_to_upstreams_tests_beside_the_series(base, tmp_path):
+    upstream, _ = upstream_with_tests(base, tmp_path)
+    fork.materialize(base, base.fork, None, None, False, upstream, series_author(base))
+    patches = {name: text for name, text in patch_files(base.patches).items() if name.parent == Path(".")}
+    fork.export(base)
+    exported = patch_files(base.patches)
+    assert {name: text for name, text in exported.items() if name.parent == Path(".")} == patches
+    edits = exported[Path(fork.UPSTREAM_EDITS) / fork.read_series(base)[-1]].decode()
+    assert "+def test_series():" in edits and "torchtitan/" not in edits
+    # a fork on the sdist has no such edits to write, and keeps them
+    fork.materialize(base, base.fork, None, None, True)
+    fork.export(base)
+    assert patch_files(base.patches) == exported
+    assert fork.check(base, None).startswith("ok")
+
+
+def test_upstream_branch_without_an_identity_is_refused(base, tmp_path, monkeypatch):
+    upstream = upstream_checkout(base, tmp_path)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    with pytest.raises(ForkError, match="set git config user.name and user.email, or pass --author"):
+        fork.materialize(base, base.fork, None, None, False, upstream)
+    with pytest.raises(ForkError, match="--author 'Ada' is not of the form 'Name <email>'"):
+        fork.materialize(base, base.fork, None, None, False, upstream, "Ada")
+    assert not base.fork.exists()
+
+
+def test_edits_to_upstreams_tests_for_a_patch_not_in_series_are_refused(base, tmp_path):
+    folder = base.patches / fork.UPSTREAM_EDITS
+    folder.mkdir()
+    (folder / "0099-gone.patch").write_text("From 0 Mon Sep 17 00:00:00 2001\n")
+    with pytest.raises(ForkError, match="edits to upstream's tests for patches not in series: 0099-gone.patch"):
+        fork.check(base, None)
+
+
+def test_upstreams_tests_run_edited_on_the_fork(base, tmp_path):
+    upstream, _ = upstream_with_tests(base, tmp_path)
+    base = replace(base, venv=BASES[DEFAULT].venv)
+    base.fork.mkdir()
+    module = "tests.unit_tests.test_upstream"
+    changes = base.patches / "upstream-test-changes"
+    assert sorted(suites.compare_upstream_tests(base, upstream, None)) == [
+        f"{module}::test_release (passed -> None) is not in upstream-test-changes",
+        f"{module}::test_series (None -> passed) is not in upstream-test-changes",
+    ]
+    changes.write_text(f"{module}::test_release | renamed\n{module}::test_series | renamed\n")
+    assert suites.compare_upstream_tests(base, upstream, None) == []
 
 
 def test_upstream_that_differs_in_a_touched_file_is_refused(base, tmp_path):
@@ -619,7 +714,7 @@ def test_upstream_that_is_no_git_clone_is_refused(base, tmp_path, kind):
 def test_upstream_clone_on_a_branch_named_gqa_works(base, tmp_path):
     upstream = upstream_checkout(base, tmp_path)
     git(upstream, "checkout", "-q", "-b", "gqa")
-    fork.materialize(base, base.fork, None, None, False, upstream)
+    fork.materialize(base, base.fork, None, None, False, upstream, "Ada Lovelace <ada@example.com>")
     assert git(base.fork, "rev-parse", "--abbrev-ref", "HEAD").strip() == "gqa"
     assert git(base.fork, "rev-parse", "v0.2.1") == git(upstream, "rev-parse", "v0.2.1")
 
@@ -697,9 +792,9 @@ def test_a_second_base_materializes_exports_and_checks_on_its_own(other_base):
     series = fork.read_series(other_base)
     assert len(commits(other_base.fork)) == len(series) + 1
     assert commits(other_base.fork)[-1] == f"torchtitan {other_base.version} release from PyPI"
-    before = {p.name: p.read_bytes() for p in other_base.patches.iterdir()}
+    before = patch_files(other_base.patches)
     fork.export(other_base)
-    assert {p.name: p.read_bytes() for p in other_base.patches.iterdir()} == before
+    assert patch_files(other_base.patches) == before
     assert fork.check(other_base, None).startswith(f"ok: the series ({len(series)} patch")
 
 
@@ -713,7 +808,9 @@ def test_an_upstream_release_branch_stands_in_for_a_missing_tag(other_base, tmp_
     git(upstream, *identity, "commit", "-qm", "Release branch head")
     branch = next(ref for ref in other_base.upstream_refs if not ref.startswith(("v", "origin/")))
     git(upstream, "branch", branch)
-    fork.materialize(other_base, other_base.fork, None, None, False, upstream)
+    # this stand-in has none of upstream's tests for the series' edits to them
+    shutil.rmtree(other_base.patches / fork.UPSTREAM_EDITS)
+    fork.materialize(other_base, other_base.fork, None, None, False, upstream, "Ada Lovelace <ada@example.com>")
     assert git(other_base.fork, "rev-parse", f"{other_base.tag}^{{commit}}") == git(upstream, "rev-parse", branch)
     assert commits(other_base.fork)[-1] == "Release branch head"
 
@@ -941,6 +1038,10 @@ NOTHING_IS_LOST = {
     ],
     "`export` is byte-stable": [
         test_export_round_trips_byte_for_byte, test_a_second_base_materializes_exports_and_checks_on_its_own,
+    ],
+    "The series' edits to upstream's tests": [
+        test_export_from_an_upstream_branch_writes_its_edits_to_upstreams_tests_beside_the_series,
+        test_edits_to_upstreams_tests_for_a_patch_not_in_series_are_refused,
     ],
 }
 

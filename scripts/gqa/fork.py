@@ -21,7 +21,7 @@ from typing import Iterator
 
 from gqa import ForkError
 from gqa.bases import Base, ROOT
-from gqa.release import GENERATED_METADATA, release_files, unpack, verified_sdist
+from gqa.release import GENERATED_METADATA, release_files, release_members, unpack, verified_sdist
 
 # git am records the patch's author; the committer is this tool.
 COMMITTER = {"GIT_COMMITTER_NAME": "gqa-fork", "GIT_COMMITTER_EMAIL": "gqa-fork@localhost"}
@@ -39,6 +39,11 @@ FORK_EXCLUDES = f"__pycache__/\n*.pyc\n/{GENERATED_METADATA}/\n/outputs/\n/build
 # commits (sha256 of their format-patch text) as of the last materialize or export.
 SYNC_RECORD = "gqa-fork-synced.json"
 UPSTREAM_URL = "https://github.com/pytorch/torchtitan"
+# A patch's edits to files of upstream's that the release sdist lacks (its
+# tests) sit beside the series in this folder, under the patch's name. They
+# join the patch's commit where the fork is built on upstream's own release
+# commit (--upstream), and upstream's tests are run with them.
+UPSTREAM_EDITS = "upstream-tests"
 
 
 def git(cwd: Path, *args: str, env: dict | None = None, check: bool = True, shielded: bool = False) -> str:
@@ -254,31 +259,86 @@ def changes_since_sync(base: Base, fork: Path, commits: list[str]) -> tuple[bool
     return fork_changed, changed_patches, in_sync
 
 
-def format_patches(base: Base, fork: Path, out: Path, head: str = "HEAD") -> list[str]:
+def format_patches(base: Base, fork: Path, out: Path, head: str = "HEAD", *paths: str) -> list[str]:
+    """The fork's commits from the base up to `head` (or the commit range
+    `head`, if it has '..') as patch files in `out`, limited to `paths` if given."""
+    revisions = head if ".." in head else f"{base.tag}..{head}"
     git(
         fork, *FORMAT_PATCH_CONFIG, "format-patch", "--zero-commit", "--no-signature",
-        "--full-index", "--no-numbered", "-o", str(out), f"{base.tag}..{head}",
+        "--full-index", "--no-numbered", "-o", str(out), revisions, *(["--", *paths] if paths else []),
     )
     return sorted(p.name for p in out.glob("*.patch"))
 
 
-def apply_patches(base: Base, fork: Path, names: list[str]) -> None:
-    """git am each patch; on failure roll the fork back to where it was."""
+def built_on_upstream(base: Base, fork: Path) -> bool:
+    """Whether the fork's base commit is upstream's (--upstream), not the sdist's."""
+    return git(fork, "log", "-1", "--format=%s", base.tag).strip() != release_subject(base)
+
+
+def upstream_only_files(base: Base, fork: Path) -> list[str]:
+    """The files the fork's commits change that its base commit, upstream's
+    release commit, has and the release sdist lacks: upstream's tests."""
+    changed = git(fork, "diff", "--name-only", base.tag, "HEAD").split()
+    in_base = git(fork, "ls-tree", "-r", "--name-only", base.tag, "--", *changed).split() if changed else []
+    release = release_members(base, verified_sdist(base, None))
+    return sorted(path for path in in_base if path not in release)
+
+
+def write_upstream_edits(base: Base, fork: Path, files: list[str], names: list[str], out: Path) -> list[str]:
+    """Each commit's edits to `files` as a patch named after the commit's own
+    (`names`, in order) in `out`; the names written."""
+    written = []
+    commits = git(fork, "rev-list", "--reverse", f"{base.tag}..HEAD").split()
+    for commit, name in zip(commits, names):
+        changed = git(fork, "diff-tree", "--no-commit-id", "--name-only", "-r", commit).split()
+        if not set(changed) & set(files):
+            continue
+        with tempfile.TemporaryDirectory() as one:
+            [edits] = format_patches(base, fork, Path(one), f"{commit}~..{commit}", *files)
+            out.mkdir(exist_ok=True)
+            shutil.move(Path(one, edits), out / name)
+        written.append(name)
+    return written
+
+
+def apply_patches(base: Base, fork: Path, names: list[str], contributor: dict[str, str] | None = None) -> None:
+    """git am each patch; on failure roll the fork back to where it was. With
+    a contributor (a branch on upstream's release commit), each commit also
+    takes the patch's edits to upstream's tests and the contributor as its
+    author and committer."""
     start = git(fork, "rev-parse", "HEAD").strip()
+
+    def failed(patch: Path, output: str) -> ForkError:
+        git(fork, "am", "--abort", check=False)
+        git(fork, "reset", "--hard", "--quiet", start)
+        paths = re.findall(r"(?:patch failed|does not exist in index|already exists in working directory): (\S+)", output)
+        where = f" at {paths[0]}" if paths else ""
+        return ForkError(
+            f"patch {patch.relative_to(base.patches)} does not apply{where}; the fork was left as it was. "
+            f"Mend the patch file, or restore it with 'git checkout -- {patch}'"
+        )
+
     for name in names:
         proc = subprocess.run(
             ["git", "am", "--keep-non-patch", "--committer-date-is-author-date", "--quiet", str(base.patches / name)],
-            cwd=fork, env={**os.environ, **COMMITTER}, capture_output=True, text=True,
+            cwd=fork, env={**os.environ, **(contributor or COMMITTER)}, capture_output=True, text=True,
         )
         if proc.returncode != 0:
-            git(fork, "am", "--abort", check=False)
-            git(fork, "reset", "--hard", "--quiet", start)
-            failed = re.findall(r"(?:patch failed|does not exist in index|already exists in working directory): (\S+)", proc.stderr + proc.stdout)
-            where = f" at {failed[0]}" if failed else ""
-            raise ForkError(
-                f"patch {name} does not apply{where}; the fork was left as it was. Mend the patch file, "
-                f"or restore it with 'git checkout -- {base.patches / name}'"
-            )
+            raise failed(base.patches / name, proc.stderr + proc.stdout)
+        if contributor is None:
+            continue
+        edits = base.patches / UPSTREAM_EDITS / name
+        if edits.is_file():
+            proc = subprocess.run(["git", "apply", "--index", str(edits)], cwd=fork, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise failed(edits, proc.stderr)
+        author = f"{contributor['GIT_AUTHOR_NAME']} <{contributor['GIT_AUTHOR_EMAIL']}>"
+        git(fork, "commit", "--amend", "--quiet", "--no-edit", "--no-verify", f"--author={author}", env=contributor)
+
+
+def release_subject(base: Base) -> str:
+    """The subject of the base commit of a fork built on the release sdist."""
+    return f"torchtitan {base.version} release from PyPI"
 
 
 def commit_release(base: Base, staging: Path, sdist: Path) -> None:
@@ -293,7 +353,7 @@ def commit_release(base: Base, staging: Path, sdist: Path) -> None:
     }
     git(
         staging, "commit", "--quiet", "--no-verify",
-        "-m", f"torchtitan {base.version} release from PyPI\n\nsdist sha256 {base.sdist_sha256}\n"
+        "-m", f"{release_subject(base)}\n\nsdist sha256 {base.sdist_sha256}\n"
         f"{GENERATED_METADATA}/ is left out: setuptools rewrites it on every install.",
         env=identity,
     )
@@ -322,6 +382,25 @@ def upstream_release_commit(base: Base, upstream: Path) -> str:
     )
 
 
+def contributor_identity(upstream: Path, author: str | None) -> dict[str, str]:
+    """Who the branch's commits say wrote and committed them: `author`
+    ('Name <email>'), else the user's git identity as the clone sees it."""
+    if author is not None:
+        parsed = re.fullmatch(r"\s*([^<>]*\S)\s*<([^<>\s]+@[^<>\s]+)>\s*", author)
+        if parsed is None:
+            raise ForkError(f"--author {author!r} is not of the form 'Name <email>'; pass e.g. --author 'Ada Lovelace <ada@example.com>'")
+        name, email = parsed.groups()
+    else:
+        name = git(upstream, "config", "user.name", check=False).strip()
+        email = git(upstream, "config", "user.email", check=False).strip()
+        if not (name and email):
+            raise ForkError(
+                "--upstream makes the branch you send upstream, and its commits carry your identity (upstream's CLA "
+                "check reads it): set git config user.name and user.email, or pass --author 'Name <email>'"
+            )
+    return {f"GIT_{role}_{field}": value for role in ("AUTHOR", "COMMITTER") for field, value in (("NAME", name), ("EMAIL", email))}
+
+
 def check_out_upstream(base: Base, staging: Path, upstream: Path, sdist: Path, names: list[str]) -> None:
     """Upstream's own release commit as the base, so that the branch shares its
     history; tagged with the release's tag in the fork where upstream's ref was
@@ -335,19 +414,24 @@ def check_out_upstream(base: Base, staging: Path, upstream: Path, sdist: Path, n
         git(staging, "tag", base.tag, commit)
 
 
-def build_fork(base: Base, dest: Path, names: list[str], sdist: Path | None, upstream: Path | None = None) -> Path:
-    """The release (or upstream's release commit) plus the patches, built in a
-    new folder beside dest; the caller moves it in place."""
+def build_fork(
+    base: Base, dest: Path, names: list[str], sdist: Path | None, upstream: Path | None = None, author: str | None = None
+) -> Path:
+    """The release (or upstream's release commit, with the contributor as the
+    patches' author) plus the patches, built in a new folder beside dest; the
+    caller moves it in place."""
     sdist = verified_sdist(base, sdist)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
+        contributor = None
         if upstream is None:
             commit_release(base, staging, sdist)
         else:
             check_out_upstream(base, staging, upstream, sdist, names)
+            contributor = contributor_identity(upstream, author)
         (staging / ".git" / "info" / "exclude").write_text(FORK_EXCLUDES)
-        apply_patches(base, staging, names)
+        apply_patches(base, staging, names, contributor)
         write_sync_record(staging, sync_record(base, commit_texts(base, staging)))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -396,7 +480,13 @@ def check_destination(base: Base, dest: Path) -> None:
 
 
 def materialize(
-    base: Base, dest: Path, upto: str | None, sdist: Path | None, discard: bool, upstream: Path | None = None
+    base: Base,
+    dest: Path,
+    upto: str | None,
+    sdist: Path | None,
+    discard: bool,
+    upstream: Path | None = None,
+    author: str | None = None,
 ) -> str:
     check_destination(base, dest)
     names = select_patches(base, upto)
@@ -408,7 +498,7 @@ def materialize(
                 f"{dest} exists; --upstream builds a new fork: pass --discard too "
                 f"to keep the old one as a backup folder"
             )
-        built = build_fork(base, dest, names, sdist, upstream)
+        built = build_fork(base, dest, names, sdist, upstream, author)
         with interrupts_deferred():
             if dest.exists():
                 backup = backup_name(dest)
@@ -495,8 +585,17 @@ def export(base: Base, drop_missing: bool = False) -> str:
             f"{base.fork} has no commits since {base.tag}, so export would empty the series; "
             f"commit your work in the fork first, or run 'materialize' to rebuild it from the series"
         )
+    on_upstream = built_on_upstream(base, base.fork)
+    upstream_files = upstream_only_files(base, base.fork) if on_upstream else []
     with tempfile.TemporaryDirectory(dir=base.patches, prefix=".export-") as tmp:
-        names = format_patches(base, base.fork, Path(tmp))
+        excluded = [".", *(f":(exclude){path}" for path in upstream_files)] if upstream_files else []
+        names = format_patches(base, base.fork, Path(tmp), "HEAD", *excluded)
+        if len(names) != len(commits):
+            raise ForkError(
+                f"a commit of {base.fork} changes only upstream's tests ({', '.join(upstream_files)}), which "
+                f"the release lacks; fold it into the commit whose change it tests, then export"
+            )
+        edits = write_upstream_edits(base, base.fork, upstream_files, names, Path(tmp, UPSTREAM_EDITS))
         dropped = [name for name in old if name not in names]
         if len(commits) < len(old) and not drop_missing:
             prefix = commits == [(base.patches / name).read_text() for name in old[: len(commits)]]
@@ -516,6 +615,15 @@ def export(base: Base, drop_missing: bool = False) -> str:
                 Path(tmp, name).replace(base.patches / name)
             for name in dropped:
                 (base.patches / name).unlink()
+            if on_upstream:
+                # only a fork on upstream's release commit holds the edits to its tests
+                folder = base.patches / UPSTREAM_EDITS
+                for stale in folder.glob("*.patch") if folder.is_dir() else []:
+                    if stale.name not in edits:
+                        stale.unlink()
+                for name in edits:
+                    folder.mkdir(exist_ok=True)
+                    Path(tmp, UPSTREAM_EDITS, name).replace(folder / name)
             write_sync_record(base.fork, sync_record(base, commits))
     if dropped:
         return (
@@ -533,6 +641,12 @@ def checked_series(base: Base, sdist: Path | None) -> Iterator[Path]:
     unlisted = sorted(p.name for p in base.patches.glob("*.patch") if p.name not in names)
     if unlisted:
         raise ForkError(f"{base.patches} holds files not in series: {', '.join(unlisted)}; add them to series or delete them")
+    orphans = sorted(p.name for p in (base.patches / UPSTREAM_EDITS).glob("*.patch") if p.name not in names)
+    if orphans:
+        raise ForkError(
+            f"{base.patches / UPSTREAM_EDITS} holds edits to upstream's tests for patches not in series: "
+            f"{', '.join(orphans)}; rename each to its patch's new name, or delete it"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         fork = build_fork(base, Path(tmp, "torchtitan"), names, sdist)
         out = Path(tmp, "exported")

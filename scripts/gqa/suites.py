@@ -17,7 +17,15 @@ from typing import NamedTuple
 
 from gqa import ForkError
 from gqa.bases import Base, BUILD, ROOT
-from gqa.fork import archive, git, materialize, materialize_release_path, upstream_release_commit
+from gqa.fork import (
+    UPSTREAM_EDITS,
+    archive,
+    git,
+    materialize,
+    materialize_release_path,
+    read_series,
+    upstream_release_commit,
+)
 from gqa.install import install, install_torch, installed_versions, version_tuple
 from gqa.release import unpack, verified_sdist
 
@@ -119,6 +127,14 @@ def junit_outcomes(report: Path) -> dict[str, Outcome]:
     return outcomes
 
 
+def upstream_test_edits(base: Base) -> list[Path]:
+    """The series' edits to upstream's tests, in the series' order."""
+    return [
+        edits for name in read_series(base)
+        if (edits := base.patches / UPSTREAM_EDITS / name).is_file()
+    ]
+
+
 def upstream_test_changes(base: Base) -> dict[str, str]:
     """{upstream test id: why the series changes its outcome}, from the series'
     upstream-test-changes file."""
@@ -136,17 +152,24 @@ def compare_upstream_tests(base: Base, upstream: Path, sdist: Path | None) -> li
     and the declared ones that did not happen."""
     commit = upstream_release_commit(base, upstream)
     with tempfile.TemporaryDirectory() as tmp:
-        archive(upstream, commit, Path(tmp), "tests/unit_tests")
         unpack(base, verified_sdist(base, sdist), Path(tmp, "pristine"))
-        tests = sorted(
-            str(path.relative_to(tmp)) for path in Path(tmp, "tests", "unit_tests").glob("test_*.py")
-            if "torchtitan.models" in path.read_text()
-        )
+        sides = {"pristine": Path(tmp, "pristine"), "fork": base.fork}
         outcomes = {}
-        for side, code in (("pristine", Path(tmp, "pristine")), ("fork", base.fork)):
+        for side, code in sides.items():
+            # upstream's tests as the release has them, and on the fork as the series edits them
+            suite = archive(upstream, commit, Path(tmp, f"{side}-tests"), "tests/unit_tests")
+            if side == "fork":
+                for edits in upstream_test_edits(base):
+                    proc = subprocess.run(["git", "apply", str(edits)], cwd=suite, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        raise ForkError(f"{edits} does not apply to upstream's tests at {base.tag} ({proc.stderr.strip()}); mend it")
+            tests = sorted(
+                str(path.relative_to(suite)) for path in Path(suite, "tests", "unit_tests").glob("test_*.py")
+                if "torchtitan.models" in path.read_text()
+            )
             report = Path(tmp, f"{side}.xml")
             print(f"--- upstream's tests of the models on the {side} release ({len(tests)} files)", flush=True)
-            pytest(base, Path(tmp), ["-q", "--tb=no", "-p", "no:cacheprovider", f"--junitxml={report}", *tests], {"PYTHONPATH": str(code)})
+            pytest(base, suite, ["-q", "--tb=no", "-p", "no:cacheprovider", f"--junitxml={report}", *tests], {"PYTHONPATH": str(code)})
             outcomes[side] = {test_id: o.kind for test_id, o in junit_outcomes(report).items()}
     declared = upstream_test_changes(base)
     changed = {
