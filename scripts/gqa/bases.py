@@ -101,8 +101,9 @@ BASES = {
             venv=BUILD / "venv-0.3.0",
             # both forks are packages named torchtitan: one is installed
             installed=False,
-            # Qwen3.5's linear-attention layers
-            test_requirements=("fla-core==0.6.0",),
+            # Qwen3.5 imports fla (its linear-attention layers) and torchvision
+            # (its vision encoder); float8 on the QKV projections needs torchao
+            test_requirements=("fla-core==0.6.0", "torchvision==0.29.1", "torchao==0.18.0"),
         ),
     )
 }
