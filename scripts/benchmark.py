@@ -19,8 +19,14 @@ Floor: the bare kernel on pre-packed q/k/v with n_kv_heads.
 Training step: Qwen3Model with a real size's widths and head counts; also
 compiled per block, and with per-op SAC, as the Trainer applies them
 (--parts compiled, one GPU per worker, several GPUs at once).
-Trainer: torchtitan's Trainer on two GPUs, FSDP, TP (KV heads sharded and
-replicated) and CP (--parts trainer, on GPU pairs).
+Trainer (--parts trainer): torchtitan's own Trainer, first on one GPU at real
+sizes (Qwen3 1.7B and 4B, compiled, per-op SAC, varlen on packed documents; the
+0.2.1 path, the series, and the series on FlashAttention-4 where flash-attn-4
+is installed), then on GPU pairs: FSDP, TP (KV heads sharded and replicated)
+and CP, skipped where the machine has one GPU. `--time-limit` keeps the
+one-GPU runs within one call of a GPU machine:
+
+    python3 scripts/benchmark.py --parts trainer --time-limit 540
 """
 
 import argparse
@@ -28,10 +34,13 @@ import inspect
 import itertools
 import json
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -324,8 +333,8 @@ def ratio(a, b):
 
 class Results:
     def __init__(self, rows):
-        # the kernel and step measurements; Trainer runs have a table of their own
-        self.rows = [r for r in rows if r["kind"] != "trainer"]
+        # the kernel and step measurements; Trainer runs have tables of their own
+        self.rows = [r for r in rows if r["kind"] in ("attention", "step")]
         self.by_key = {self.key(r): r for r in self.rows}
 
     @staticmethod
@@ -449,6 +458,173 @@ def trainer_table(rows):
     return lines + ([""] + failures if failures else [])
 
 
+def one_gpu_flops(r, step):
+    """Model FLOPs of one step of a one-GPU row, forward and backward, without
+    recomputation: 6 per parameter outside the embedding per token (as
+    torchtitan counts them), and for attention 12 × layers × heads × head_dim
+    per (query, key) pair that each document's causal mask lets attend."""
+    m, lengths = r["model"], r["document_lengths"][step]
+    pairs = sum(n * (n + 1) // 2 for n in lengths)
+    dense = 6 * (r["params"] - m["vocab_size"] * m["dim"]) * sum(lengths)
+    return dense + 12 * m["n_layers"] * m["n_heads"] * m["head_dim"] * pairs
+
+
+def one_gpu_stats(r):
+    """A one-GPU row's numbers over its steps after the warm-up: tokens/s (median)
+    and its spread, peak GiB (over all steps), MFU % from the documents' lengths
+    and MFU % as torchtitan logs it (medians); None where it has none."""
+    steps = range(r["warmup"], len(r.get("tps") or []))
+    if r.get("skipped") or r.get("error") or not steps:
+        return None
+    tps = [r["tps"][i] for i in steps]
+    mfu = [100 * one_gpu_flops(r, i) * r["tps"][i] / sum(r["document_lengths"][i]) / r["peak_flops"] for i in steps]
+    return dict(tps=statistics.median(tps), spread=spread(tps), memory=max(r["memory_gib"]),
+                mfu=statistics.median(mfu), mfu_logged=statistics.median(r["mfu_logged"][r["warmup"]:]))
+
+
+def one_gpu_status(r):
+    """What a one-GPU row without numbers shows instead."""
+    if r.get("skipped"):
+        return r["skipped"]
+    if r.get("oom"):
+        return "OOM"
+    return "time limit" if r.get("error") == STOPPED else "failed"
+
+
+def one_gpu_column_name(column):
+    path, kernel = column
+    return path if kernel == "builtin" else f"{path} {kernel.upper()}"
+
+
+def one_gpu_by_case(rows):
+    """{(flavor, seq_len): {(path, kernel): row}}, in the order the rows ran."""
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["flavor"], r["seq_len"]), {})[(r["path"], r["varlen_kernel"])] = r
+    return by_case
+
+
+def one_gpu_table(rows):
+    names = [one_gpu_column_name(c) for c in ONE_GPU_COLUMNS]
+    series, release = ("series", "builtin"), ("0.2.1", "builtin")
+    lines = [
+        "| Qwen3 size | seq | documents per step: median, longest "
+        + "".join(f"| {quantity} {name} " for quantity in ("tokens/s", "peak GiB", "MFU %") for name in names)
+        + "| series / 0.2.1 tokens/s | torchtitan's MFU % (series) |",
+        "|---" * (3 + 3 * len(names) + 2) + "|",
+    ]
+    reasons = {}
+    for (flavor, seq_len), columns in one_gpu_by_case(rows).items():
+        first = next(iter(columns.values()))
+        m, lengths = first["model"], first["document_lengths"][first["warmup"]:]
+        params = next((r["params"] for r in columns.values() if r.get("params")), None)
+        size = f"{flavor} ({params / 1e9:.2f}B params" if params else f"{flavor} ("
+        size += f"{', ' if params else ''}{m['n_layers']} layers, {m['n_heads']}/{m['n_kv_heads']} heads)"
+        documents = f"{statistics.median(map(len, lengths)):.0f}, {max(map(max, lengths))} tokens"
+        stats = {c: one_gpu_stats(columns[c]) if c in columns else None for c in ONE_GPU_COLUMNS}
+
+        def cell(column, fmt):
+            if stats[column] is not None:
+                return fmt(stats[column])
+            r = columns.get(column)
+            if r is None:
+                return "-"
+            reason = r.get("reason") or r.get("error") or f"logged {len(r['tps'])} steps"
+            reasons.setdefault(reason, {})[f"{flavor} {seq_len} {one_gpu_column_name(column)}"] = None
+            return one_gpu_status(r)
+
+        cells = [cell(c, lambda s: f"{s['tps']:,.0f} ±{s['spread']:.1%}") for c in ONE_GPU_COLUMNS]
+        cells += [cell(c, lambda s: f"{s['memory']:.2f}") for c in ONE_GPU_COLUMNS]
+        cells += [cell(c, lambda s: f"{s['mfu']:.1f}") for c in ONE_GPU_COLUMNS]
+        speed = stats[series] and stats[release] and stats[series]["tps"] / stats[release]["tps"]
+        cells += [f"{speed:.3f}" if speed else "-",
+                  f"{stats[series]['mfu_logged']:.1f}" if stats[series] else "-"]
+        lines.append(f"| {size} | {seq_len} | {documents} | {' | '.join(cells)} |")
+    return lines + ([""] + [f"- {', '.join(where)}: {reason}" for reason, where in reasons.items()] if reasons else [])
+
+
+def one_gpu_intro(rows):
+    """The one-GPU section's method, from its rows."""
+    first = rows[0]
+    m = first["model"]
+    common = " ".join(ONE_GPU_OVERRIDES)
+    return [
+        *[f"- {device}, measured by `{command}`"
+          for device, command in dict.fromkeys((r["device"], r["command"]) for r in rows)],
+        f"- raw results: [{ONE_GPU_RAW}]({ONE_GPU_RAW}); plot: [{ONE_GPU_PLOT}]({ONE_GPU_PLOT})",
+        f"- each run: `torchrun --nproc_per_node 1 -m torchtitan.train --job.config_file "
+        f"configs/{ONE_GPU_CONFIG.name} {common}` with the case's `--model.flavor=<size>_varlen_attn`, "
+        f"`--training.seq_len` and `--training.steps={first['warmup'] + ONE_GPU_MEASURED}` "
+        "(and `--model.varlen_kernel=fa4` in the FA4 column: FA4's two custom ops are not on the per-op SAC "
+        "save list, so its forward runs again in backward), "
+        + ", ".join(f"`{k}={v}`" for k, v in ONE_GPU_ENV.items())
+        + "; one run at a time, case by case (the 0.2.1 path, then the series), the FA4 runs last. Batch 1, "
+        "bf16 autocast with fp32 weights, gradients and AdamW moments (one GPU: no FSDP)",
+        f"- model: Qwen3's sizes with untied output (`tests/integration/gqa_flavors.py`, so that both paths "
+        f"train the same model) and Qwen3's {m['vocab_size']:,}-entry vocabulary: embedding, output layer "
+        f"and loss are full size. The bundled tokenizer (`data/tokenizer`) has {first['tokenizer_vocab']} "
+        "tokens, so only its ids occur",
+        "- data: `c4_test` over `data/multi_doc`, packed by torchtitan's loader; the documents of each step "
+        "are those of the Trainer's own loader and varlen masks for the same arguments (`--trainer-inputs`)",
+        f"- tokens/s: the median of the Trainer's logged tps over steps {first['warmup'] + 1}-"
+        f"{first['warmup'] + ONE_GPU_MEASURED} (steps 1-{first['warmup']} warm up: step 1 compiles, step 2 "
+        "compiles again with dynamic shapes, as the documents' count and longest length change), ± the "
+        "interquartile range over the median; peak GiB: the largest memory the Trainer logs (reserved by "
+        f"the allocator), over all steps, of the GPU's {first['gpu_gib']:.1f} GiB",
+        "- MFU: each step's model FLOPs over its time (tokens / tps) and the GPU's peak bf16 rate as "
+        f"torchtitan takes it ({first['peak_flops'] / 1e12:.0f} TFLOP/s), the median over the measured steps. "
+        "Model FLOPs: 6 per parameter outside the embedding per token, as torchtitan counts them, plus "
+        "12 × layers × heads × head_dim per (query, key) pair that each document's causal mask lets attend, "
+        "from the documents' real lengths; SAC's recomputation is not counted. torchtitan's own MFU (last "
+        "column) counts 12 × layers × heads × head_dim × seq_len per token, full attention over the whole "
+        "sequence, which packed documents never compute: it overstates",
+        "- left out, to fit one 10-minute GPU call: 8B, whose fp32 weights, gradients and AdamW moments alone "
+        "take 16 B × 8.19e9 parameters = 122 GiB (more than an H100's 80 GB; an H200's 141 GB would leave "
+        "under 20 GiB for activations, logits and workspace), and 4B at 32k (65.7 GiB of weights, gradients "
+        "and moments, with four times the activations of 4B at 8k)",
+    ]
+
+
+def plot_one_gpu(rows, path):
+    """Peak memory and tokens/s by model size: a bar per sequence length and column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(r["flavor"] for r in rows))
+    by_key = {(r["flavor"], r["seq_len"], r["path"], r["varlen_kernel"]): r for r in rows}
+    # a bar for each (seq_len, path, kernel) that ran at least once
+    bars = list(dict.fromkeys((r["seq_len"], r["path"], r["varlen_kernel"]) for r in rows if not r.get("skipped")))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
+    width = 0.8 / max(1, len(bars))
+    for i, (seq_len, path_name, kernel) in enumerate(bars):
+        label = f"{one_gpu_column_name((path_name, kernel))}, {seq_len // 1024}k tokens"
+        for ax, field in zip(axes, ("memory", "tps")):
+            xs, values = [], []
+            for x, size in enumerate(sizes):
+                r = by_key.get((size, seq_len, path_name, kernel))
+                stats = r and one_gpu_stats(r)
+                position = x + (i - (len(bars) - 1) / 2) * width
+                if stats:
+                    xs.append(position)
+                    values.append(stats[field])
+                elif r and not r.get("skipped"):
+                    ax.text(position, 0, f" {one_gpu_status(r)}", rotation=90, ha="center", va="bottom", fontsize=8)
+            ax.bar(xs, values, width, label=label)
+    gpu_gib = rows[0]["gpu_gib"]
+    axes[0].axhline(gpu_gib, color="gray", linestyle="--", label=f"GPU memory ({gpu_gib:.0f} GiB)")
+    axes[0].set_title("peak memory (GiB reserved, as the Trainer logs it)")
+    axes[1].set_title("tokens/s (median after warm-up)")
+    for ax in axes:
+        ax.set_xticks(range(len(sizes)), [f"Qwen3 {size}" for size in sizes])
+        ax.set_xlim(-0.5, len(sizes) - 0.5)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"torchtitan's Trainer, one GPU: {rows[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def targets(results):
     """Each target of the benchmark, met or not, with the worst case behind the verdict."""
     lines = []
@@ -524,6 +700,7 @@ def targets(results):
 
 def report(rows, out_dir):
     results = Results(rows)
+    one_gpu = [r for r in rows if r["kind"] == "trainer_1gpu"]
     runs = {}
     for r in rows:
         runs.setdefault((r["device"], r["command"]), set()).add(r["backend"])
@@ -577,6 +754,16 @@ def report(rows, out_dir):
         ] if any(r.get("variant") in STEP_VARIANTS for r in rows) else []),
         *([
             "",
+            "## One GPU: torchtitan's Trainer at real sizes (Qwen3, compiled, per-op SAC, varlen on packed documents)",
+            "",
+            *one_gpu_intro(one_gpu),
+            "",
+            *one_gpu_table(one_gpu),
+            "",
+            f"![peak memory and tokens/s by size]({ONE_GPU_PLOT})",
+        ] if one_gpu else []),
+        *([
+            "",
             "## Two GPUs: torchtitan's Trainer (Qwen3 0.6B, all 28 layers, batch 1 per GPU)",
             "",
             f"Each case once for each path, {TRAINER_STEPS} steps, one run per GPU pair at a time. tokens/s: "
@@ -591,6 +778,8 @@ def report(rows, out_dir):
     ]
     (out_dir / "benchmark.md").write_text("\n".join(lines) + "\n")
     plot(results.rows, out_dir / "benchmark.png")
+    if one_gpu:
+        plot_one_gpu(one_gpu, out_dir / ONE_GPU_PLOT)
     return "\n".join(lines)
 
 
@@ -627,7 +816,9 @@ def plot(rows, path):
 
 PARTS = ("kernels", "compiled", "trainer")
 STEP_VARIANTS = ("eager", "compile", "compile_sac")
-RAW_FILES = [f"benchmark-{backend}.jsonl" for backend in BACKENDS] + ["benchmark-compiled.jsonl", "benchmark-trainer.jsonl"]
+RAW_FILES = [f"benchmark-{backend}.jsonl" for backend in BACKENDS] + [
+    "benchmark-compiled.jsonl", "benchmark-trainer.jsonl", "benchmark-trainer-1gpu.jsonl"
+]
 
 
 def main():
@@ -638,14 +829,22 @@ def main():
                         "earlier results from --out")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="kernels: attention calls and eager steps, on one GPU; compiled: the "
-                        "step compiled and with SAC, one GPU per worker; trainer: the Trainer on GPU pairs")
+                        "step compiled and with SAC, one GPU per worker; trainer: torchtitan's Trainer, on "
+                        "one GPU at real sizes, then on GPU pairs (skipped on one GPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing; remake the report from the raw results in --out")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="one-GPU Trainer runs: start none that would end later than this after the "
+                        "benchmark started, and stop one still running then")
     parser.add_argument("--worker", nargs=2, metavar=("PATH", "BACKEND"), help=argparse.SUPPRESS)
     parser.add_argument("--step-variants", nargs="+", choices=STEP_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--command", help=argparse.SUPPRESS)
+    parser.add_argument("--trainer-inputs", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.started = time.monotonic()
+    if args.trainer_inputs:
+        return trainer_inputs()
     if args.worker:
         return worker(*args.worker, args.seq_lens, args.out, args.command, args.step_variants)
 
@@ -665,6 +864,10 @@ def main():
     if not rows:
         sys.exit(f"error: no results in {args.out}; run the benchmark without --report-only first")
     print(report(rows, args.out))
+    one_gpu = [r for r in rows if r["kind"] == "trainer_1gpu"]
+    if one_gpu and not args.report_only:
+        # last, so that a short tail of the output holds it
+        print("\nOne GPU, torchtitan's Trainer:\n" + "\n".join(one_gpu_table(one_gpu)))
 
 
 def worker_env(path):
@@ -727,9 +930,21 @@ TRAINER_SUFFIX = {"sdpa": "", "flex": "_flex_attn", "varlen": "_varlen_attn"}
 
 
 def measure_trainer(args):
+    measure_trainer_one_gpu(args)
+    measure_trainer_pairs(args)
+
+
+def measure_trainer_pairs(args):
     """torchtitan's Trainer on GPU pairs, one run per pair at a time: tokens/s
     per GPU (median of the steps after the first two) and peak reserved memory
-    per GPU, as the Trainer logs them for rank 0."""
+    per GPU, as the Trainer logs them for rank 0. Skipped on fewer than two
+    GPUs, keeping the earlier results."""
+    raw = args.out / "benchmark-trainer.jsonl"
+    if torch.cuda.device_count() < 2:
+        kept = f"{raw} keeps its earlier results" if raw.exists() else f"{raw} is not written"
+        print(f"skipped the {len(TRAINER_CASES)} two-GPU Trainer cases: this machine has "
+              f"{torch.cuda.device_count()} GPU; {kept}", flush=True)
+        return
     device = f"{torch.cuda.get_device_name()} x2, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
 
     def run(case, gpus):
@@ -756,7 +971,206 @@ def measure_trainer(args):
         return row
 
     rows = list(runs.on_gpu_sets(TRAINER_CASES, run, lambda case: 2, torch.cuda.device_count()).values())
-    (args.out / "benchmark-trainer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---- torchtitan's Trainer on one GPU at real sizes
+
+# (Qwen3 flavor of tests/integration/gqa_flavors.py, seq_len), most important
+# first: a run cut short by --time-limit leaves the rows before it. 8B and 4B
+# at 32k are left out (the report says why).
+ONE_GPU_CASES = (("1.7B", 8192), ("4B", 8192), ("1.7B", 32768))
+# (path, varlen kernel) of each column: the 0.2.1 path, the series, the series on FA4
+ONE_GPU_COLUMNS = (("0.2.1", "builtin"), ("series", "builtin"), ("series", "fa4"))
+# warm-up: step 1 compiles, step 2 compiles again with dynamic shapes (the
+# count and longest length of the documents change from batch to batch)
+ONE_GPU_WARMUP, ONE_GPU_MEASURED = 3, 10
+ONE_GPU_CONFIG = ROOT / "configs" / "qwen3_0.6b_varlen.toml"
+ONE_GPU_OVERRIDES = (
+    "--model.name=qwen3_gqa", "--experimental.custom_import=gqa_flavors",
+    "--training.local_batch_size=1", "--metrics.log_freq=1",
+    "--compile.enable", "--compile.components=model,loss",
+    "--activation_checkpoint.mode=selective", "--activation_checkpoint.selective_ac_option=op",
+)
+# the allocator setting of torchtitan's run_train.sh
+ONE_GPU_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+ONE_GPU_RAW, ONE_GPU_PLOT = "benchmark-trainer-1gpu.jsonl", "benchmark-trainer-1gpu.png"
+
+
+def one_gpu_overrides(flavor, seq_len, kernel):
+    """The Trainer's arguments for one run, on top of ONE_GPU_CONFIG."""
+    kernel_args = [] if kernel == "builtin" else [f"--model.varlen_kernel={kernel}"]
+    return [*ONE_GPU_OVERRIDES, f"--model.flavor={flavor}_varlen_attn", f"--training.seq_len={seq_len}",
+            f"--training.steps={ONE_GPU_WARMUP + ONE_GPU_MEASURED}", *kernel_args]
+
+
+def one_gpu_runs():
+    """(case, column) in the order they run: the 0.2.1 path and the series case
+    by case, then the series on FA4 case by case."""
+    return [(case, column) for case in ONE_GPU_CASES for column in ONE_GPU_COLUMNS[:2]] + [
+        (case, ONE_GPU_COLUMNS[2]) for case in ONE_GPU_CASES
+    ]
+
+
+def trainer_inputs():
+    """Prints as JSON what the one-GPU rows take from the series fork (first on
+    PYTHONPATH) and this machine: the GPU, its memory, its peak bf16 FLOP/s as
+    torchtitan's MFU takes it, why FA4 cannot run here (None where it can), the
+    tokenizer's vocabulary, and for each case the model's sizes and the lengths
+    of the documents in each step's batch, from the Trainer's own tokenizer,
+    data loader and varlen masks, given the runs' arguments."""
+    import gqa_flavors  # noqa: F401  (registers qwen3_gqa, as --experimental.custom_import does)
+    from torchtitan.config import ConfigManager
+    from torchtitan.models.fa4_varlen import fa4_unavailable_reason
+    from torchtitan.protocols.train_spec import get_train_spec
+    from torchtitan.tools.utils import get_peak_flops
+
+    spec = get_train_spec("qwen3_gqa")
+    cases = []
+    for flavor, seq_len in ONE_GPU_CASES:
+        config = ConfigManager().parse_args(
+            ["--job.config_file", str(ONE_GPU_CONFIG), *one_gpu_overrides(flavor, seq_len, "builtin")]
+        )
+        tokenizer = spec.build_tokenizer_fn(config)
+        loader = spec.build_dataloader_fn(dp_world_size=1, dp_rank=0, tokenizer=tokenizer, job_config=config)
+        model_args = spec.model_args[config.model.flavor]
+        with torch.device("meta"):
+            model = spec.model_cls(model_args)
+        lengths = []
+        for inputs, _ in itertools.islice(loader, config.training.steps):
+            masks = model.get_attention_masks(input_batch=inputs["input"], tokenizer=tokenizer)
+            lengths.append(masks.cu_seq_q.diff().tolist())
+        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size")
+        cases.append(dict(flavor=flavor, seq_len=seq_len, model={k: getattr(model_args, k) for k in sizes},
+                          document_lengths=lengths))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    print(json.dumps(dict(
+        device=gpu,
+        gpu_gib=gpu and torch.cuda.get_device_properties(0).total_memory / 2**30,
+        peak_flops=gpu and get_peak_flops(gpu),
+        fa4_missing=fa4_unavailable_reason(),
+        tokenizer_vocab=tokenizer.get_vocab_size(),
+        cases=cases,
+    )))
+
+
+def read_trainer_inputs():
+    """trainer_inputs(), run in a process of its own with the series fork."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--trainer-inputs"], cwd=ROOT, capture_output=True, text=True,
+        env=runs.fork_env(PATHS["series"], ROOT / "tests" / "integration"),
+    )
+    if proc.returncode != 0:
+        sys.exit(f"error: reading the Trainer's inputs from {PATHS['series']} failed: "
+                 f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def stop_child_processes():
+    """SIGTERM to this process's children: a Trainer run's torchrun, which stops its workers."""
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # the fields after the command name: state, parent pid, ...
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:
+                os.kill(int(stat.parent.name), signal.SIGTERM)
+        except (OSError, IndexError):
+            continue
+
+
+def trainer_failure(log):
+    """The line of a failed run's log that says why it failed."""
+    lines = log.strip().splitlines() or ["(empty log)"]
+    errors = [line for line in lines if re.search(r"\w(Error|Exception)\b", line) and "ChildFailedError" not in line]
+    return (errors or lines)[-1].strip()[-300:]
+
+
+STOPPED = "stopped at --time-limit"
+
+
+def run_one_gpu(path, overrides, deadline):
+    """One Trainer run on GPU 0: its duration and what it logged per step."""
+    with tempfile.TemporaryDirectory() as dump:
+        start = time.monotonic()
+        try:
+            log = runs.run_trainer(PATHS[path], ONE_GPU_CONFIG, Path(dump), overrides, gpus="0")
+            error = None
+        except ForkError:
+            log = re.sub(r"\x1b\[[0-9;]*m", "", (Path(dump) / "train.log").read_text())
+            error = STOPPED if time.monotonic() >= deadline else trainer_failure(log)
+            print("".join(f"    | {line}\n" for line in log.strip().splitlines()[-20:]), end="", flush=True)
+        seconds = time.monotonic() - start
+    params = re.search(r"size: ([\d,]+) total parameters", log)
+    metrics = {"tps": "tps", "memory_gib": "memory", "loss": "loss", "tflops_logged": "tflops", "mfu_logged": "mfu"}
+    return dict(
+        seconds=round(seconds, 1), error=error,
+        oom=error is not None and ("OutOfMemoryError" in log or "CUDA out of memory" in log),
+        params=params and int(params[1].replace(",", "")),
+        **{field: runs.trainer_metric(log, name) for field, name in metrics.items()},
+    )
+
+
+def measure_trainer_one_gpu(args):
+    """torchtitan's Trainer at real sizes on GPU 0, one run at a time in the
+    order of one_gpu_runs(); each row is appended to the raw results as soon as
+    its run ends. With --time-limit, a run that would end past it (judged by
+    the longest run so far of its case, else of any case) does not start, and
+    one still running then is stopped. FA4 runs where flash-attn-4 can run, and
+    not where the series ran out of memory with the built-in kernel."""
+    raw = args.out / ONE_GPU_RAW
+    inputs = read_trainer_inputs()
+    device = f"{inputs['device']}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    deadline = args.started + args.time_limit if args.time_limit else float("inf")
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), stop_child_processes) if args.time_limit else None
+    if watchdog:
+        watchdog.daemon = True
+        watchdog.start()
+    raw.write_text("")
+    durations, done = {}, {}
+    try:
+        with mock.patch.dict(os.environ, ONE_GPU_ENV):
+            for case, column in one_gpu_runs():
+                (flavor, seq_len), (path, kernel) = case, column
+                measured = next(c for c in inputs["cases"] if (c["flavor"], c["seq_len"]) == case)
+                row = dict(
+                    kind="trainer_1gpu", backend="varlen", flavor=flavor, seq_len=seq_len, path=path,
+                    varlen_kernel=kernel, device=device, command=args.command, gpu_gib=inputs["gpu_gib"],
+                    peak_flops=inputs["peak_flops"], tokenizer_vocab=inputs["tokenizer_vocab"],
+                    model=measured["model"], overrides=one_gpu_overrides(flavor, seq_len, kernel),
+                    warmup=ONE_GPU_WARMUP, document_lengths=measured["document_lengths"],
+                )
+                estimate = max(durations.get(case) or [d for ds in durations.values() for d in ds] or [0])
+                series = done.get((case, ("series", "builtin")))
+                if kernel == "fa4" and inputs["fa4_missing"]:
+                    missing = "not installed" if "not installed" in inputs["fa4_missing"] else "not available"
+                    row |= dict(skipped=missing, reason=inputs["fa4_missing"])
+                elif kernel == "fa4" and series and series.get("oom"):
+                    row |= dict(skipped="not run", reason="the series ran out of memory here with the built-in kernel")
+                elif time.monotonic() + estimate > deadline:
+                    row |= dict(skipped="time limit", reason=f"a run takes about {estimate:.0f} s; "
+                                f"{max(0, deadline - time.monotonic()):.0f} s of --time-limit were left")
+                else:
+                    row |= run_one_gpu(path, row["overrides"], deadline)
+                    durations.setdefault(case, []).append(row["seconds"])
+                done[(case, column)] = row
+                with raw.open("a") as sink:
+                    sink.write(json.dumps(row) + "\n")
+                print(f"[{time.monotonic() - args.started:4.0f} s] {flavor} {seq_len} {path} {kernel}: "
+                      f"{one_gpu_summary(row)}", flush=True)
+    finally:
+        if watchdog:
+            watchdog.cancel()
+
+
+def one_gpu_summary(row):
+    if row.get("skipped"):
+        return f"not run ({row['reason']})"
+    if row["error"]:
+        return f"{'OOM' if row['oom'] else 'failed'} after {row['seconds']:.0f} s: {row['error']}"
+    stats = one_gpu_stats(row)
+    if stats is None:
+        return f"logged {len(row['tps'])} steps, none after the {row['warmup']} warm-up steps"
+    return f"{stats['tps']:,.0f} tokens/s, {stats['memory']:.2f} GiB, MFU {stats['mfu']:.1f}%, {row['seconds']:.0f} s"
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ by the 0.2.1 path (which has no Qwen3 flex or varlen flavors) with
 `--experimental.custom_import gqa_flavors`:
 
 - "qwen3_gqa": Qwen3 debugmodel with the head layouts below, Qwen3
-  debugmodel_moe ("moe", 16/8 heads), and Qwen3 0.6B with its 8 KV heads
-  ("0.6B") and with one ("0.6B_mqa"), all with untied output and embeddings,
-  and debugmodel with 8/1 heads tied ("8q1kv_tied");
+  debugmodel_moe ("moe", 16/8 heads), Qwen3 0.6B with its 8 KV heads
+  ("0.6B") and with one ("0.6B_mqa"), and Qwen3 1.7B, 4B and 8B at their own
+  sizes, all with untied output and embeddings, and debugmodel with 8/1 heads
+  tied ("8q1kv_tied");
 - "llama3_gqa": Llama3 debugmodel with 16 query / 8 KV heads ("16q8kv").
 
 Each flavor comes on every backend: "<flavor>", "<flavor>_flex_attn",
@@ -59,10 +60,10 @@ qwen3_flavors = {
 } | {
     "8q1kv_tied": replace(qwen3.qwen3_args["debugmodel"], n_heads=8, n_kv_heads=1),
     "moe": replace(qwen3.qwen3_args["debugmodel_moe"], enable_weight_tying=False),
-    # for the benchmark's Trainer runs: a real size, and one with a single KV head
+    # for the benchmark's Trainer runs: real sizes, and one with a single KV head
     "0.6B": replace(qwen3.qwen3_args["0.6B"], enable_weight_tying=False),
     "0.6B_mqa": replace(qwen3.qwen3_args["0.6B"], n_kv_heads=1, enable_weight_tying=False),
-}
+} | {size: replace(qwen3.qwen3_args[size], enable_weight_tying=False) for size in ("1.7B", "4B", "8B")}
 register_train_spec(
     "qwen3_gqa", replace(qwen3.get_train_spec(), model_args=on_every_backend(qwen3_flavors))
 )
