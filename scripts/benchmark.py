@@ -1093,7 +1093,7 @@ def run_one_gpu(path, overrides, deadline):
     with tempfile.TemporaryDirectory() as dump:
         start = time.monotonic()
         try:
-            log = runs.run_trainer(PATHS[path], ONE_GPU_CONFIG, Path(dump), overrides, gpus="0")
+            log = runs.run_trainer(BASE, PATHS[path], ONE_GPU_CONFIG, Path(dump), overrides, gpus="0")
             error = None
         except ForkError:
             log = re.sub(r"\x1b\[[0-9;]*m", "", (Path(dump) / "train.log").read_text())

@@ -143,7 +143,7 @@ def one_gpu(benchmark_script, tmp_path, monkeypatch):
     def run(fail=lambda path, flavor: None, time_limit=None, stand_in=None):
         calls = []
 
-        def run_trainer(fork, config, dump, overrides, nproc=1, gpus=None):
+        def run_trainer(base, fork, config, dump, overrides, nproc=1, gpus=None):
             assert (nproc, gpus, os.environ["PYTORCH_CUDA_ALLOC_CONF"]) == (1, "0", "expandable_segments:True")
             arguments = dict(o.removeprefix("--").split("=", 1) for o in overrides if "=" in o)
             flavor, seq_len = arguments["model.flavor"].removesuffix("_varlen_attn"), int(arguments["training.seq_len"])
