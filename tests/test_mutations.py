@@ -112,8 +112,23 @@ MUTATIONS = {
         ATTENTION,
         "SDPBackend.FLASH_ATTENTION in sdpa_backends\n        and ",
         "",
-        f"{TESTS}/test_gqa_attention.py::test_sdpa_gqa_decision_follows_flash_constraints",
+        f"{TESTS}/test_gqa_attention.py::test_sdpa_gqa_needs_cuda_and_the_flash_backend",
         "assert True is False",
+    ),
+    "sdpa GQA call free to fall back to the math kernel": Mutation(
+        ATTENTION,
+        "        with sdpa_kernel(backends, set_priority=True):",
+        "        with sdpa_kernel(self.sdpa_backends, set_priority=True):",
+        f"{TESTS}/test_gqa_attention.py::test_sdpa_gqa_call_that_no_gqa_kernel_takes_raises",
+        NOT_REFUSED,
+    ),
+    "sdpa GQA decided past flash's head_dim limit": Mutation(
+        ATTENTION,
+        "        and head_dim <= 256\n",
+        "        and head_dim <= 512\n",
+        f"{TESTS}/test_gqa_attention.py::test_sdpa_gqa_decision_is_torchs_flash_check",
+        "assert True is False",
+        needs_cuda=True,
     ),
     "sdpa GQA decided from q's dtype under autocast": Mutation(
         ATTENTION,
@@ -130,12 +145,12 @@ MUTATIONS = {
         f"{TESTS}/test_gqa_attention.py::test_sdpa_repeats_kv_on_rocm",
         "assert not True",
     ),
-    "varlen causal spelled for one torch only": Mutation(
+    "varlen causal spelled as torch before 2.11 takes it": Mutation(
         ATTENTION,
         '    if "window_size" in inspect.signature(kernel).parameters:\n',
-        "    if True:\n",
-        f"{TESTS}/test_varlen_attention.py::test_causal_is_spelled_as_the_installed_varlen_attn_takes_it",
-        "window_size",
+        "    if False:\n",
+        f"{TESTS}/test_varlen_attention.py::test_varlen_matches_reference",
+        "unexpected keyword argument 'is_causal'",
     ),
     "qwen3 flex masks made on the default device": Mutation(
         f"{MODELS}/qwen3/model/model.py",
@@ -151,34 +166,19 @@ MUTATIONS = {
         f"{TESTS}/test_head_counts.py::test_heads_that_do_not_group_fail_when_the_model_is_built",
         NOT_REFUSED,
     ),
-    "varlen given DTensors under tensor parallel": Mutation(
-        ATTENTION,
-        "    @_on_local_heads(dim=2)\n",
-        "",
+    "qwen3 TP plan handing attention DTensor queries, as 0.2.1's did": Mutation(
+        f"{MODELS}/qwen3/infra/parallelize.py",
+        '"attention.q_norm": SequenceParallel(\n                sequence_dim=2, use_local_output=True\n',
+        '"attention.q_norm": SequenceParallel(\n                sequence_dim=2,\n',
         f"{TESTS}/test_tensor_parallel_attention.py::test_tensor_parallel_matches_one_process",
         "got mixed torch.Tensor and DTensor",
-    ),
-    "local heads decided from q's placements alone": Mutation(
-        ATTENTION,
-        "if not (by_head(q) and by_head(k) and by_head(v)):",
-        "if not by_head(q):",
-        f"{TESTS}/test_tensor_parallel_attention.py::test_only_q_k_v_all_sharded_by_head_are_attended_locally",
-        "assert False",
-    ),
-    "qwen3 without the varlen precision check": Mutation(
-        f"{MODELS}/qwen3/infra/parallelize.py",
-        "    check_varlen_precision(\n        model.model_args.attn_type,\n        parallel_dims,\n"
-        "        job_config.training.mixed_precision_param,\n    )\n",
-        "",
-        f"{TESTS}/test_tensor_parallel_attention.py::test_parallelize_refuses_varlen_in_float32",
-        NOT_REFUSED,
     ),
     "mixed precision said to apply under PP without FSDP": Mutation(
         "torchtitan/distributed/utils.py",
         "    return parallel_dims.fsdp_enabled or not (\n"
         "        parallel_dims.tp_enabled or parallel_dims.pp_enabled\n    )",
         "    return parallel_dims.fsdp_enabled or not parallel_dims.tp_enabled",
-        f"{TESTS}/test_tensor_parallel_attention.py::test_parallelize_refuses_varlen_in_float32",
+        f"{TESTS}/test_tensor_parallel_attention.py::test_varlen_is_refused_where_training_computes_in_float32",
         NOT_REFUSED,
     ),
     "replicated KV heads' gradients not summed over the ranks": Mutation(
@@ -190,7 +190,7 @@ MUTATIONS = {
     ),
     "a replicated KV head given to the wrong ranks": Mutation(
         TENSOR_PARALLEL,
-        "kv_head = device_mesh.get_local_rank() // ranks_per_kv_head",
+        "kv_head = device_mesh.get_local_rank() // (tp // self.n_kv_heads)",
         "kv_head = device_mesh.get_local_rank() % self.n_kv_heads",
         f"{TESTS}/test_tensor_parallel_attention.py::test_replicated_kv_heads_match_one_process_and_checkpoint_across_tp",
         NOT_CLOSE,
@@ -200,7 +200,14 @@ MUTATIONS = {
         "    if tp_degree not in degrees:\n",
         "    if False:\n",
         f"{TESTS}/test_head_counts.py::test_parallelize_refuses_tp_degrees_that_part_kv_heads_from_their_queries",
-        "ZeroDivisionError|" + NOT_REFUSED,
+        "Regex pattern did not match|ZeroDivisionError|" + NOT_REFUSED,
+    ),
+    "ReplicateKVHeads given a mesh smaller than n_kv_heads": Mutation(
+        TENSOR_PARALLEL,
+        "        if device_mesh.ndim != 1 or tp % self.n_kv_heads != 0:\n",
+        "        if False:\n",
+        f"{TESTS}/test_head_counts.py::test_replicate_kv_heads_refuses_a_mesh_smaller_than_n_kv_heads",
+        "ZeroDivisionError",
     ),
     "float8 tensorwise TP given replicated KV heads": Mutation(
         TENSOR_PARALLEL,
@@ -223,6 +230,13 @@ MUTATIONS = {
         f"{TESTS}/test_clip_grad_norm.py",
         "a partial sum",
     ),
+    "Partial gradients relabelled as replicated without their sum": Mutation(
+        "torchtitan/distributed/utils.py",
+        "            p.grad = grad.redistribute(placements=placements)",
+        "            p.grad = DTensor.from_local(grad.to_local(), grad.device_mesh, placements)",
+        f"{TESTS}/test_clip_grad_norm.py",
+        "are not close",
+    ),
     "FA4 varlen run without the causal mask": Mutation(
         f"{MODELS}/fa4_varlen.py",
         "        softmax_scale=scale,\n        causal=True,\n        return_lse=True,",
@@ -236,6 +250,41 @@ MUTATIONS = {
         "(q.shape[0], q.shape[1]), dtype=torch.float32",
         f"{TESTS}/test_varlen_fa4.py::test_fa4_ops_meet_the_custom_op_contract",
         "test_faketensor failed",
+    ),
+    "qwen3 FA4 forward recomputed under per-op SAC": Mutation(
+        f"{MODELS}/qwen3/infra/parallelize.py",
+        "    torch.ops.torchtitan.fa4_varlen_forward.default,\n",
+        "",
+        f"{TESTS}/test_varlen_fa4.py::test_fa4_forward_is_saved_under_per_op_sac",
+        "per-op SAC recomputed it",
+    ),
+    "llama3 FA4 forward recomputed under per-op SAC": Mutation(
+        f"{MODELS}/llama3/infra/parallelize.py",
+        "    torch.ops.torchtitan.fa4_varlen_forward.default,\n",
+        "",
+        f"{TESTS}/test_varlen_fa4.py::test_fa4_forward_is_saved_under_per_op_sac",
+        "per-op SAC recomputed it",
+    ),
+    "FA4 asked for by name quietly replaced by the built-in kernel": Mutation(
+        ATTENTION,
+        '    if kernel == "fa4" and (reason := fa4_unavailable_reason()):\n',
+        '    if kernel == "fa4" and (reason := fa4_unavailable_reason()):\n        return "builtin"\n',
+        f"{TESTS}/test_varlen_fa4.py::test_fa4_is_refused_where_it_cannot_run",
+        NOT_REFUSED,
+    ),
+    "FA4 run on ROCm": Mutation(
+        f"{MODELS}/fa4_varlen.py",
+        "    if torch.version.hip is not None:\n",
+        "    if False:\n",
+        f"{TESTS}/test_varlen_fa4.py::test_fa4_is_unavailable_on_rocm",
+        "NoneType",
+    ),
+    "FA4 run with an untested flash-attn-4": Mutation(
+        f"{MODELS}/fa4_varlen.py",
+        "    if not oldest <= TorchVersion(version) <= newest:\n",
+        "    if False:\n",
+        f"{TESTS}/test_varlen_fa4.py::test_fa4_is_unavailable_with_an_untested_flash_attn_4",
+        "NoneType",
     ),
     "0.3.0: the TP check without the degrees that work": Mutation(
         COMMON_DECODER,
