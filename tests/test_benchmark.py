@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,4 +255,7 @@ def test_trainer_inputs_are_the_documents_the_trainer_sees(benchmark_script):
         layers, heads = {"1.7B": (28, 16), "4B": (36, 32)}[case["flavor"]]
         assert (case["model"]["n_layers"], case["model"]["n_heads"], case["model"]["n_kv_heads"]) == (layers, heads, 8)
         assert case["model"]["vocab_size"] == 151936
-    assert inputs["device"] is None and inputs["fa4_missing"] == "no CUDA GPU"
+    if torch.cuda.is_available():
+        assert inputs["device"] == torch.cuda.get_device_name()
+    else:
+        assert inputs["device"] is None and inputs["fa4_missing"] == "no CUDA GPU"
