@@ -555,8 +555,7 @@ def one_gpu_intro(rows):
         f"- each run: `torchrun --nproc_per_node 1 -m torchtitan.train --job.config_file "
         f"configs/{ONE_GPU_CONFIG.name} {common}` with the case's `--model.flavor=<size>_varlen_attn`, "
         f"`--training.seq_len` and `--training.steps={first['warmup'] + ONE_GPU_MEASURED}` "
-        "(and `--model.varlen_kernel=fa4` in the FA4 column: FA4's two custom ops are not on the per-op SAC "
-        "save list, so its forward runs again in backward), "
+        "(and `--model.varlen_kernel=fa4` in the FA4 column), "
         + ", ".join(f"`{k}={v}`" for k, v in ONE_GPU_ENV.items())
         + "; one run at a time, case by case (the 0.2.1 path, then the series), the FA4 runs last. Batch 1, "
         "bf16 autocast with fp32 weights, gradients and AdamW moments (one GPU: no FSDP)",
