@@ -38,13 +38,24 @@ def other_base(tmp_path):
     return base_in(tmp_path, next(v for v in bases.BASES if v != bases.DEFAULT))
 
 
-@pytest.fixture(scope="session")
-def cli():
-    """The CLI module, scripts/gqa_fork.py."""
-    spec = importlib.util.spec_from_file_location("gqa_fork", ROOT / "scripts" / "gqa_fork.py")
+def script_module(name):
+    """scripts/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The CLI module, scripts/gqa_fork.py."""
+    return script_module("gqa_fork")
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """scripts/benchmark.py as a module."""
+    return script_module("benchmark")
 
 
 @pytest.fixture

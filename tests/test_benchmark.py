@@ -2,7 +2,6 @@
 the one-GPU Trainer runs: their order, their limits and their inputs."""
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -56,15 +55,6 @@ def test_a_varlen_call_slower_than_the_floor_fails_its_target(tmp_path):
 
 
 # ---- one GPU: torchtitan's Trainer at real sizes
-
-@pytest.fixture(scope="module")
-def benchmark_script():
-    """scripts/benchmark.py as a module."""
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 # a model small enough to count its FLOPs by hand: 30 parameters, 20 of them
 # in the embedding, one layer with one head of dimension 1
