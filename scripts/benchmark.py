@@ -593,8 +593,9 @@ def plot_one_gpu(rows, path):
 
     sizes = list(dict.fromkeys(r["flavor"] for r in rows))
     by_key = {(r["flavor"], r["seq_len"], r["path"], r["varlen_kernel"]): r for r in rows}
-    # a bar for each (seq_len, path, kernel) that ran at least once
-    bars = list(dict.fromkeys((r["seq_len"], r["path"], r["varlen_kernel"]) for r in rows if not r.get("skipped")))
+    # a bar for each (seq_len, path, kernel) that ran at least once, the columns side by side per length
+    ran = {(r["seq_len"], r["path"], r["varlen_kernel"]) for r in rows if not r.get("skipped")}
+    bars = sorted(ran, key=lambda bar: (bar[0], ONE_GPU_COLUMNS.index(bar[1:])))
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
     width = 0.8 / max(1, len(bars))
     for i, (seq_len, path_name, kernel) in enumerate(bars):
