@@ -5,6 +5,7 @@ import email.utils
 import importlib.util
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -497,6 +498,14 @@ def test_processes_of_a_base_run_in_its_environment(base, tmp_path):
     ]
 
 
+def test_a_failed_trainer_run_names_its_error(base, tmp_path):
+    base.python.parent.mkdir(parents=True)
+    base.python.write_text("#!/bin/sh\necho 'Traceback (most recent call last):'\necho 'ValueError: varlen needs bf16'\nexit 1\n")
+    base.python.chmod(0o755)
+    with pytest.raises(ForkError, match=r"the Trainer failed with config.toml --x \(ValueError: varlen needs bf16\); see "):
+        runs.run_trainer(base, tmp_path, tmp_path / "config.toml", tmp_path / "dump", ["--x"])
+
+
 def upstream_checkout(base, tmp_path, touched_edit=None):
     """A torchtitan git history like upstream's: an older commit, then the
     release's files tagged v0.2.1."""
@@ -585,6 +594,33 @@ def test_export_from_an_upstream_branch_writes_its_edits_to_upstreams_tests_besi
     fork.export(base)
     assert patch_files(base.patches) == exported
     assert fork.check(base, None).startswith("ok")
+
+
+def test_an_update_of_an_upstream_branch_keeps_its_contributor_and_the_edits_to_upstreams_tests(base, tmp_path):
+    upstream, edited = upstream_with_tests(base, tmp_path)
+    fork.materialize(base, base.fork, None, None, False, upstream, "Ada Lovelace <ada@example.com>")
+    series = fork.read_series(base)
+    edit_patch(base, series[-1][:4])
+    assert f"series changed: {series[-1]}" in fork.materialize(base, base.fork, None, None, False)
+    identities = git(base.fork, "log", "--format=%an <%ae> | %cn <%ce>", "v0.2.1..HEAD").splitlines()
+    assert identities == ["Ada Lovelace <ada@example.com> | Ada Lovelace <ada@example.com>"] * len(series)
+    assert (base.fork / "tests" / "unit_tests" / "test_upstream.py").read_text() == edited
+    fork.export(base)
+    assert "+def test_series():" in (base.patches / fork.UPSTREAM_EDITS / series[-1]).read_text()
+
+
+def test_a_hand_edit_to_the_edits_of_upstreams_tests_is_brought_into_the_fork_not_overwritten(base, tmp_path):
+    upstream, _ = upstream_with_tests(base, tmp_path)
+    fork.materialize(base, base.fork, None, None, False, upstream, series_author(base))
+    series = fork.read_series(base)
+    edits = base.patches / fork.UPSTREAM_EDITS / series[-1]
+    edits.write_text(edits.read_text().replace("test_series", "test_by_hand"))
+    with pytest.raises(ForkError, match=rf"the series changed since the fork was made \({series[-1]}\)"):
+        fork.export(base)
+    assert f"series changed: {series[-1]}" in fork.materialize(base, base.fork, None, None, False)
+    assert "def test_by_hand" in (base.fork / "tests" / "unit_tests" / "test_upstream.py").read_text()
+    fork.export(base)
+    assert "+def test_by_hand" in edits.read_text()
 
 
 def test_upstream_branch_without_an_identity_is_refused(base, tmp_path, monkeypatch):
@@ -822,6 +858,31 @@ def test_train_and_setup_take_only_a_base_installed_into_python(other_base):
         assert f"invalid choice: '{other_base.version}'" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_a_later_base_whose_torch_is_missing_is_skipped_only_where_pip_is_kept_offline(base, tmp_path, monkeypatch):
+    later = replace(base, version="9.9")
+
+    def install_torch(b):
+        if b is later:
+            raise ForkError("pip could not install 'torch==2.14.1'")
+        return "2.13.0"
+
+    monkeypatch.setattr(suites, "install_torch", install_torch)
+    for name in ("materialize", "materialize_release_path", "install"):
+        monkeypatch.setattr(suites, name, lambda *args: "done")
+    monkeypatch.setattr(suites, "git", lambda *args: "HEAD")
+    monkeypatch.setattr(suites, "fork_report", lambda *args: tmp_path / "report.xml")
+    monkeypatch.setattr(suites, "pytest", lambda *args: 0)
+    monkeypatch.setattr(suites, "each_commit_passes_its_tests", lambda *args: ([], "ok"))
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    with pytest.raises(ForkError, match="pip could not install 'torch==2.14.1'"):
+        suites.run_tests([base, later], None, [])
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    assert suites.run_tests([base, later], None, []) == (
+        f"tests passed for torchtitan {base.version} "
+        f"(skipped {later.version}: its torch could not be installed offline, see above)"
+    )
+
+
 def test_test_takes_sdist_and_upstream_only_with_a_base():
     proc = cli_run("test", "--upstream", "/nowhere")
     assert proc.returncode == 2
@@ -868,14 +929,32 @@ def test_ctrl_c_at_any_moment_of_an_update_leaves_the_fork_whole_and_resumable(b
     assert number > 5, "the update made fewer calls than expected; were they all interrupted?"
 
 
+def test_a_change_made_to_the_fork_during_an_update_stops_it_and_is_kept(base, monkeypatch):
+    series = fork.read_series(base)
+    fork.materialize(base, base.fork, series[-2], None, False)
+    before = git(base.fork, "rev-parse", "HEAD")
+    touched = re.search(r"^diff --git a/(\S+)", (base.patches / series[-1]).read_text(), re.M).group(1)
+    update = fork.updated_commit
+
+    def edited_meanwhile(*args):
+        head = update(*args)
+        (base.fork / touched).write_text("my edit\n")
+        return head
+
+    monkeypatch.setattr(fork, "updated_commit", edited_meanwhile)
+    with pytest.raises(ForkError, match="changed during the update, which was stopped so as not to lose them"):
+        fork.materialize(base, base.fork, None, None, False)
+    assert (base.fork / touched).read_text() == "my edit\n"
+    assert git(base.fork, "rev-parse", "HEAD") == before
+
+
 def test_ctrl_c_during_export_writes_the_series_whole(base, monkeypatch):
     fork.materialize(base, base.fork, None, None, False)
     (base.fork / "NOTE.md").write_text("a change\n")
     git(base.fork, "add", "NOTE.md")
     git(base.fork, "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "commit", "-qm", "[docs] Add a note")
     last = len(fork.read_series(base)) + 1
-    # whichever way a patch file is written, Ctrl-C comes as the new one is
-    interrupt_at_call(monkeypatch, fork.shutil, "copyfile", last)
+    # Ctrl-C as the new patch file is moved into the series
     interrupt_at_call(monkeypatch, Path, "replace", last)
     with pytest.raises(KeyboardInterrupt):
         fork.export(base)
@@ -889,11 +968,12 @@ def test_ctrl_c_in_the_cli_prints_one_line_and_the_next_run_finishes(stand_in_re
     the_fork = stand_in_repository / "torchtitan"
     subprocess.run([*cli, "--upto", "0001"], check=True, capture_output=True)
     before = git(the_fork, "rev-parse", "HEAD")
-    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Ctrl-C while the update applies the patches
+    # in a process group of its own, as a shell runs a command in the foreground
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Ctrl-C while the update applies the patches: the terminal signals the whole group, git too
     while proc.poll() is None and not list((the_fork / ".git" / "worktrees").glob("*")):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate()
     assert proc.returncode == 130, stderr
     assert stderr.count("\n") == 1 and stderr.startswith("interrupted: "), stderr
@@ -993,7 +1073,7 @@ def test_a_bad_sdist_is_never_advised_deleted(stand_in_repository, tmp_path):
     proc = cli_run("materialize", script=script)
     assert "so it is not the release; move it away and run again to download torchtitan-0.2.1.tar.gz" in proc.stderr
     for message in (proc.stderr, cli_run("materialize", "--sdist", str(mine), script=script).stderr):
-        assert proc.stderr.count("\n") == 1 and "delete" not in message
+        assert message.count("\n") == 1 and "delete" not in message
     assert mine.read_bytes() == b"my own file" and cache.read_bytes() == b"a broken download"
 
 

@@ -91,5 +91,5 @@ def make_data_in(base: Base, out: Path) -> str:
         env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")},
     )
     if proc.returncode != 0:
-        raise ForkError(f"writing {out} failed in {base.venv}: {proc.stderr.strip().splitlines()[-1:]}")
+        raise ForkError(f"writing {out} failed in {base.venv}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     return proc.stdout.strip()

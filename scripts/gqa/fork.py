@@ -173,7 +173,13 @@ def check_upstream_matches_release(base: Base, upstream: Path, commit: str, sdis
 
 
 def patch_digests(base: Base, names: list[str]) -> list[list[str]]:
-    return [[name, hashlib.sha256((base.patches / name).read_bytes()).hexdigest()] for name in names]
+    """Each patch's digest, taken over its edits to upstream's tests too: a
+    change to either is a change of the series."""
+    def digest(name: str) -> str:
+        edits = base.patches / UPSTREAM_EDITS / name
+        return hashlib.sha256((base.patches / name).read_bytes() + (edits.read_bytes() if edits.is_file() else b"")).hexdigest()
+
+    return [[name, digest(name)] for name in names]
 
 
 def text_digest(text: str) -> str:
@@ -249,7 +255,7 @@ def changes_since_sync(base: Base, fork: Path, commits: list[str]) -> tuple[bool
 
     def is_patch(i: int) -> bool:
         """Commit i is the series' patch i as the series holds it now."""
-        return i < len(current) and digests[i] == current[i][1]
+        return i < len(current) and digests[i] == text_digest((base.patches / current[i][0]).read_text())
 
     fork_changed = any(
         not is_patch(i) and (i >= len(record["commits"]) or digests[i] != record["commits"][i])
@@ -439,17 +445,28 @@ def build_fork(
     return staging
 
 
+def fork_contributor(base: Base, fork: Path) -> dict[str, str] | None:
+    """Who wrote the commits of a fork built with --upstream (None for a fork
+    on the release): its last commit's author, else the user's git identity."""
+    if not built_on_upstream(base, fork):
+        return None
+    author = git(fork, "log", "-1", "--format=%an <%ae>", f"{base.tag}..HEAD").strip()
+    return contributor_identity(fork, author or None)
+
+
 def updated_commit(base: Base, fork: Path, start: str, names: list[str]) -> str:
     """The commit `start` of the fork plus the patches `names`, applied in a
     temporary worktree: the fork's own checkout is not touched, so an
-    interrupted or failed update leaves it as it was."""
+    interrupted or failed update leaves it as it was. On a fork built with
+    --upstream they carry its contributor and the edits to upstream's tests."""
+    contributor = fork_contributor(base, fork)
     git(fork, "worktree", "prune")
     # a git killed by Ctrl-C may leave files behind: they stay in the temporary folder
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         worktree = Path(tmp, "update")
         git(fork, "worktree", "add", "--quiet", "--detach", str(worktree), start)
         try:
-            apply_patches(base, worktree, names)
+            apply_patches(base, worktree, names, contributor)
             return git(worktree, "rev-parse", "HEAD").strip()
         finally:
             git(fork, "worktree", "remove", "--force", str(worktree), check=False)
@@ -534,7 +551,14 @@ def materialize(
     record = sync_record(base, commit_texts(base, dest, updated_head))
     # the only step that changes the fork, done whole
     with interrupts_deferred():
-        git(dest, "reset", "--hard", "--quiet", updated_head, shielded=True)
+        try:
+            # --keep: a file changed in the fork since the check above stops the reset
+            git(dest, "reset", "--keep", "--quiet", updated_head, shielded=True)
+        except ForkError:
+            raise ForkError(
+                f"files of {dest} changed during the update, which was stopped so as not to lose them; "
+                f"run 'materialize' again"
+            ) from None
         write_sync_record(dest, record)
     updated = (
         f" (series changed: {', '.join(changed_patches)}; 'export' writes them back in exported form)"

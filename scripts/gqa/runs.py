@@ -40,7 +40,7 @@ def step_losses(base: Base, fork: Path, *args: str) -> list[float]:
         env=fork_env(fork), capture_output=True, text=True,
     )
     if proc.returncode != 0:
-        raise ForkError(f"train_steps.py {' '.join(args)} failed with {fork}: {proc.stderr.strip().splitlines()[-1:]}")
+        raise ForkError(f"train_steps.py {' '.join(args)} failed with {fork}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["losses"]
 
 
@@ -67,7 +67,9 @@ def run_trainer(
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     if proc.returncode != 0:
-        raise ForkError(f"the Trainer failed with {config.name} {' '.join(overrides)}; see {log}")
+        errors = re.findall(r"^.*\w(?:Error|Exception): .*$", log.read_text(), re.M)
+        reason = f" ({errors[-1].strip()})" if errors else ""
+        raise ForkError(f"the Trainer failed with {config.name} {' '.join(overrides)}{reason}; see {log}")
     return re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
 
 
