@@ -577,10 +577,11 @@ def one_gpu_intro(rows):
         "from the documents' real lengths; SAC's recomputation is not counted. torchtitan's own MFU (last "
         "column) counts 12 × layers × heads × head_dim × seq_len per token, full attention over the whole "
         "sequence, which packed documents never compute: it overstates",
-        "- left out, to fit one 10-minute GPU call: 8B, whose fp32 weights, gradients and AdamW moments alone "
-        "take 16 B × 8.19e9 parameters = 122 GiB (more than an H100's 80 GB; an H200's 141 GB would leave "
-        "under 20 GiB for activations, logits and workspace), and 4B at 32k (65.7 GiB of weights, gradients "
-        "and moments, with four times the activations of 4B at 8k)",
+        "- left out: 8B, whose fp32 weights, gradients and AdamW moments alone take 16 B × 8.19e9 "
+        "parameters = 122 GiB, more than an H100's 80 GB (an H200's 141 GB would leave under 20 GiB for "
+        "activations, logits and workspace; not tried), and 4B at 32k (65.7 GiB of weights, gradients and "
+        "moments, with four times the activations of 4B at 8k: too close to an H100's memory to spend one "
+        "of the 10-minute GPU calls on)",
     ]
 
 
@@ -663,7 +664,7 @@ def targets(results):
         expected = repeated_kv_bytes(r["heads"], r["seq_len"], n_layers=r["n_layers"])
         saved[case(r)] = ratio(difference(old, r["peak_bytes"]), expected)
     verdict(
-        "training step peak memory lower than 0.2.1 by at least the repeated K/V bytes",
+        "eager training step peak memory lower than 0.2.1 by at least the repeated K/V bytes",
         saved, lambda v: v < 1, lambda v: f"saved {v:.2f}× the expected" if v is not None else "OOM", min,
     )
     # below 0.2.1 by more than the run-to-run spread (the wider interquartile
@@ -676,7 +677,7 @@ def targets(results):
         else:
             speed[case(r)] = None
     verdict(
-        "training step tokens/s not below 0.2.1 on any backend, beyond the run-to-run spread",
+        "eager training step tokens/s not below 0.2.1 on any backend, beyond the run-to-run spread",
         speed, lambda v: v[0] < 1 - v[1],
         lambda v: f"{v[0]:.3f}× 0.2.1's tokens/s, spread ±{v[1]:.1%}" if v else "OOM", min,
     )
@@ -1057,7 +1058,7 @@ def trainer_inputs():
 def read_trainer_inputs():
     """trainer_inputs(), run in a process of its own with the series fork."""
     proc = subprocess.run(
-        [sys.executable, __file__, "--trainer-inputs"], cwd=ROOT, capture_output=True, text=True,
+        [str(BASE.python), __file__, "--trainer-inputs"], cwd=ROOT, capture_output=True, text=True,
         env=runs.fork_env(PATHS["series"], ROOT / "tests" / "integration"),
     )
     if proc.returncode != 0:
