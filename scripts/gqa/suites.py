@@ -223,8 +223,8 @@ def run_tests(bases: list[Base], sdist: Path | None, pytest_args: list[str], ups
     print(
         f"test: for {', '.join(b.version for b in bases)}: materializes and installs the fork and runs its "
         f"tests, then this repository's tests while each commit's own tests run at that commit (this "
-        f"took 6.3 minutes on one H100; CI's whole .ci/run, set-up and main job included, 26.5 on a fresh "
-        f"2-core CPU machine, 2026-12-06); GPU tests run where CUDA is, "
+        f"took 6.3 minutes on one H100, and 26.5 in CI's .ci/run on a fresh 2-core CPU machine, installs "
+        f"included, 2026-12-06); GPU tests run where CUDA is, "
         f"the rest skip with their reason",
         flush=True,
     )
