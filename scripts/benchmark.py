@@ -55,7 +55,7 @@ from torch.profiler import profile, ProfilerActivity
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from gqa import ForkError, runs  # noqa: E402
+from gqa import ForkError, last_line, runs  # noqa: E402
 from gqa.bases import BASES, DEFAULT  # noqa: E402
 
 BASE = BASES[DEFAULT]
@@ -1063,7 +1063,7 @@ def read_trainer_inputs():
     )
     if proc.returncode != 0:
         sys.exit(f"error: reading the Trainer's inputs from {PATHS['series']} failed: "
-                 f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+                 f"{last_line(proc.stderr)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -1095,6 +1095,7 @@ NOTHING_IS_LOST = {
         test_ctrl_c_at_any_moment_of_an_update_leaves_the_fork_whole_and_resumable,
         test_ctrl_c_during_export_writes_the_series_whole,
         test_ctrl_c_in_the_cli_prints_one_line_and_the_next_run_finishes,
+        test_a_change_made_to_the_fork_during_an_update_stops_it_and_is_kept,
     ],
     "The fork remembers the series and its own commits": [
         test_a_hand_edited_patch_is_brought_into_the_fork_not_overwritten, test_a_hand_edit_to_a_patchs_code_sticks,
@@ -1122,6 +1123,8 @@ NOTHING_IS_LOST = {
     "The series' edits to upstream's tests": [
         test_export_from_an_upstream_branch_writes_its_edits_to_upstreams_tests_beside_the_series,
         test_edits_to_upstreams_tests_for_a_patch_not_in_series_are_refused,
+        test_an_update_of_an_upstream_branch_keeps_its_contributor_and_the_edits_to_upstreams_tests,
+        test_a_hand_edit_to_the_edits_of_upstreams_tests_is_brought_into_the_fork_not_overwritten,
     ],
 }
 

@@ -16,6 +16,11 @@ class ForkError(Exception):
     """A problem the user can fix; printed as one line, exit status 1."""
 
 
+def last_line(output: str) -> str:
+    """A failed process's last line of output, for a one-line error."""
+    return (output.strip().splitlines() or ["no output"])[-1]
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of 1 or more."""
     if not text.isdigit() or int(text) < 1:

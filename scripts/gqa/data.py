@@ -9,7 +9,7 @@ import random
 import subprocess
 from pathlib import Path
 
-from gqa import ForkError
+from gqa import ForkError, last_line
 from gqa.bases import Base, ROOT
 from gqa.install import installed_versions
 
@@ -91,5 +91,5 @@ def make_data_in(base: Base, out: Path) -> str:
         env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")},
     )
     if proc.returncode != 0:
-        raise ForkError(f"writing {out} failed in {base.venv}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise ForkError(f"writing {out} failed in {base.venv}: {last_line(proc.stderr)}")
     return proc.stdout.strip()

@@ -18,7 +18,7 @@ import tempfile
 import venv
 from pathlib import Path
 
-from gqa import ForkError
+from gqa import ForkError, last_line
 from gqa.bases import Base, ROOT
 
 TEST_TOOLS = ("pytest", "pytest-xdist", "matplotlib")
@@ -68,7 +68,7 @@ def installed_versions(base: Base, names: list[str]) -> dict[str, str | None]:
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     if proc.returncode != 0:
-        raise ForkError(f"{base.python} does not run ({(proc.stderr.strip().splitlines() or ['no output'])[-1]}); move {base.venv} away and run 'install' again")
+        raise ForkError(f"{base.python} does not run ({last_line(proc.stderr)}); move {base.venv} away and run 'install' again")
     return json.loads(proc.stdout)
 
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Hashable, TypeVar
 
-from gqa import ForkError
+from gqa import ForkError, last_line
 from gqa.bases import Base, ROOT
 from gqa.install import fork_imports_from_root
 
@@ -40,7 +40,7 @@ def step_losses(base: Base, fork: Path, *args: str) -> list[float]:
         env=fork_env(fork), capture_output=True, text=True,
     )
     if proc.returncode != 0:
-        raise ForkError(f"train_steps.py {' '.join(args)} failed with {fork}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise ForkError(f"train_steps.py {' '.join(args)} failed with {fork}: {last_line(proc.stderr)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["losses"]
 
 
