@@ -244,6 +244,8 @@ def changes_since_sync(base: Base, fork: Path, commits: list[str]) -> tuple[bool
     record = last_sync(base, fork)
     digests = [text_digest(c) for c in commits]
     current = patch_digests(base, read_series(base))
+    # the patches' own texts, which a fork's commits equal where it is built on the release
+    patch_texts = [text_digest((base.patches / name).read_text()) for name, _ in current]
     changed_patches = [name for name, digest in current if [name, digest] not in record["series"]]
     changed_patches += [name for name, _ in record["series"] if name not in dict(current)]
 
@@ -255,7 +257,7 @@ def changes_since_sync(base: Base, fork: Path, commits: list[str]) -> tuple[bool
 
     def is_patch(i: int) -> bool:
         """Commit i is the series' patch i as the series holds it now."""
-        return i < len(current) and digests[i] == text_digest((base.patches / current[i][0]).read_text())
+        return i < len(current) and digests[i] == patch_texts[i]
 
     fork_changed = any(
         not is_patch(i) and (i >= len(record["commits"]) or digests[i] != record["commits"][i])
